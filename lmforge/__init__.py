@@ -1,0 +1,3 @@
+"""lmforge: train language models from raw text to a served model with one config."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""One typed config tree for every lmforge job.
+
+A config is a YAML file plus dotted command-line overrides (``--optimizer.lr=3e-4``). It is validated
+by pydantic models that forbid unknown keys; every error is re-worded to name the full key path, the
+value given and what is allowed, and an unknown key names the closest valid one.
+
+The resolved config (presets expanded, every default filled in) is written to each run folder as
+``config.yaml`` and is itself a valid config: ``lmforge train --config RUN/config.yaml`` reproduces it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    """Architecture. ``preset`` fills in defaults; explicitly given keys win over the preset."""
+
+    arch: Literal["llama"] = "llama"
+    preset: Optional[str] = None
+    vocab_size: Optional[int] = Field(None, ge=2, description="None: taken from the data's tokenizer")
+    d_model: int = Field(256, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: Optional[int] = Field(None, ge=1, description="None: same as n_heads (no GQA)")
+    ffn_hidden: Optional[int] = Field(None, ge=1, description="None: ~8/3·d_model rounded up to 64")
+    max_seq_len: int = Field(512, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={kv}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} must be even for RoPE"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Packed token data written by ``lmforge data prepare`` (or the quickstart)."""
+
+    path: Optional[str] = Field(None, description="folder holding manifest.json and the token shards")
+    seq_len: int = Field(256, ge=2)
+    doc_mask: bool = Field(False, description="carry document-boundary masks in each batch")
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(False, description="sgd only")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimizerConfig":
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"optimizer.betas[{i}]={b} must be in [0, 1)")
+        return self
+
+
+class SchedulerConfig(Section):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optimizer.lr")
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="global-norm clip; None disables")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
+    eval_every: int = Field(200, ge=0, description="0 disables periodic evaluation")
+    eval_batches: int = Field(20, ge=1)
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(500, ge=0, description="0: only at the end of the run")
+    keep_last: int = Field(2, ge=1)
+    resume: Optional[str] = Field(None, description="None, 'auto' (newest complete) or a checkpoint folder")
+
+
+class LoggingConfig(Section):
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Config(Section):
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _section_models() -> dict[str, type[BaseModel]]:
+    return {name: f.annotation for name, f in Config.model_fields.items() if isinstance(f.annotation, type)
+            and issubclass(f.annotation, BaseModel)}
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, path + "."))
+    return keys
+
+
+def _suggest(path: str) -> str:
+    keys = _valid_keys(Config)
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
+    if not close:  # try matching only the last component within its section
+        parent, _, leaf = path.rpartition(".")
+        siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+        close = [f"{parent}.{m}" if parent else m
+                 for m in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.4)]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        where = f"{source}: " if source else ""
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(path)
+            if not hint and "." not in path:
+                hint = f" (sections: {', '.join(Config.model_fields)})"
+            lines.append(f"{where}unknown key '{path}'{hint}")
+            continue
+        if e["type"] == "value_error":  # cross-field checks already name their keys
+            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
+            continue
+        value = e.get("input")
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"allowed: {ctx['expected']}"
+        label = f"'{path}'" if path else "config"
+        lines.append(f"{where}invalid value for {label}: {value!r} ({msg})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--optimizer.lr=1e-3', '--training.max_steps', '10']`` → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"expected an override like --section.key=value, got '{a}'")
+        key = a[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '--{key}' has no value")
+            raw = args[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.replace("-", "_"), value)
+        i += 1
+    return tree
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _apply_presets(tree: dict) -> dict:
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        from lmforge.models.presets import PRESETS  # local import: config must not import torch eagerly
+
+        name = model["preset"]
+        if name not in PRESETS:
+            close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"invalid value for 'model.preset': {name!r} (allowed: {', '.join(PRESETS)}){hint}")
+        tree = dict(tree)
+        tree["model"] = {**PRESETS[name], **model}
+    return tree
+
+
+def build_config(tree: dict | None = None, source: str = "") -> Config:
+    tree = _apply_presets(tree or {})
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML config (optional) and apply overrides (a CLI list or a nested dict)."""
+    tree: dict = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        tree = deep_merge(tree, over)
+    return build_config(tree, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
