@@ -221,6 +221,11 @@ def parse_overrides(args: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _set_dotted(tree, key.replace("-", "_"), value)
         i += 1
     return tree

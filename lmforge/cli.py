@@ -1,0 +1,128 @@
+"""The ``lmforge`` command line: one subcommand per job, each a thin shell over a library function.
+
+Heavy modules (torch, tokenizers, ...) are imported inside the handlers so ``lmforge --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.config import ConfigError
+
+
+def _cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.quickstart import run_quickstart
+
+    run_quickstart(run_dir=args.run_dir, minutes=args.minutes, overrides=extra, prompt=args.prompt)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.config import load_config
+
+    overrides = list(extra)
+    if args.resume:
+        overrides.append(f"--checkpoint.resume={args.resume}")
+    if args.nproc and args.nproc > 1:
+        from lmforge.launch import launch_torchrun
+
+        return launch_torchrun(args, overrides)
+    cfg = load_config(args.config, overrides)
+    from lmforge.training.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"generate: unexpected arguments {' '.join(extra)}")
+    from lmforge.inference import generate_from_run
+
+    texts = generate_from_run(
+        args.run, args.prompt, checkpoint=args.checkpoint, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+    for prompt, text in zip(args.prompt, texts):
+        print(prompt + text)
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
+    import yaml
+
+    from lmforge.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, extra)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train language models from raw text to a served model, with one config.",
+        epilog="Config overrides: any command taking --config also accepts --section.key=value.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="build a corpus from Python's stdlib, train a tokenizer and a small "
+                       "code model for a few minutes, evaluate it and generate a sample")
+    q.add_argument("--run-dir", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    q.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
+    q.add_argument("--prompt", default="def ", help="prompt for the sample at the end")
+    q.set_defaults(func=_cmd_quickstart)
+
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML config plus --section.key=value overrides")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--resume", help="'auto' (newest complete checkpoint in run_dir) or a checkpoint folder")
+    t.add_argument("--nproc", type=int, default=0, help="processes on this machine (wraps torchrun)")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a trained run folder")
+    g.add_argument("--run", required=True, help="run folder written by train/quickstart")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--checkpoint", help="checkpoint folder (default: newest complete one in the run)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("config", help="validate a config and print it fully resolved (defaults and presets filled)")
+    c.add_argument("--config", help="YAML config file")
+    c.set_defaults(func=_cmd_config)
+
+    for register in _optional_commands():
+        register(sub)
+    return p
+
+
+def _optional_commands():
+    """Subcommand groups that live with their subsystem (data, distributed, ...)."""
+    from lmforge.commands import REGISTRARS
+
+    return REGISTRARS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args, extra) or 0)
+    except ConfigError as e:
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
