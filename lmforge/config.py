@@ -121,6 +121,34 @@ class LoggingConfig(Section):
     progress: bool = True
 
 
+class DistributedConfig(Section):
+    """Multi-process layout. dp_replicate × dp_shard × tp × pp must equal the world size (one may be -1)."""
+
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field(
+        "zero3", description="ddp: replicate; zero1: DDP + sharded optimizer state; zero2: FSDP2 keeping "
+        "params gathered between forward and backward; zero3: FSDP2 resharding after forward")
+    dp_replicate: int = Field(1, ge=-1, description="replica groups (HSDP when > 1 with zero2/zero3)")
+    dp_shard: int = Field(-1, ge=-1, description="ranks sharding one replica (-1: inferred)")
+    tp: int = Field(1, ge=-1, description="tensor-parallel degree")
+    pp: int = Field(1, ge=-1, description="pipeline stages")
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_microbatches: int = Field(4, ge=1, description="micro-batches per pipeline step")
+    reshard_after_forward: Optional[bool] = Field(None, description="None: True for zero3, False for zero2")
+    cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy (zero2/zero3)")
+    param_dtype: Optional[Literal["float32", "bfloat16"]] = Field(
+        None, description="FSDP2 compute dtype; None: bfloat16 if training.precision=bf16 else float32")
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(600.0, gt=0, description="collective timeout; a dead rank fails the job after this")
+
+    @model_validator(mode="after")
+    def _dims(self) -> "DistributedConfig":
+        for k in ("dp_replicate", "dp_shard", "tp", "pp"):
+            if getattr(self, k) == 0:
+                raise ValueError(f"distributed.{k}=0 is invalid (use a positive degree or -1 to infer)")
+        return self
+
+
 class Config(Section):
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -130,6 +158,7 @@ class Config(Section):
     training: TrainingConfig = TrainingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 # ---------------------------------------------------------------------------------------------
