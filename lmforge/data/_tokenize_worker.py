@@ -1,0 +1,28 @@
+"""Per-process tokenization task for pack.py (kept tiny so worker processes import little)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
+
+_STATE: dict = {}
+
+
+def init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    _STATE["tok"] = _HFTokenizer.from_str(tokenizer_json)
+    _STATE["eos"] = eos_id
+    _STATE["dtype"] = np.dtype(dtype)
+
+
+def encode_docs(texts: list[str], is_val: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode a batch; returns (tokens with EOS after each doc, per-doc lengths incl. EOS, is_val mask)."""
+    tok, eos, dtype = _STATE["tok"], _STATE["eos"], _STATE["dtype"]
+    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for e, n in zip(encs, lengths):
+        out[pos:pos + n - 1] = e.ids
+        out[pos + n - 1] = eos
+        pos += n
+    return out, lengths, np.asarray(is_val, dtype=bool)
