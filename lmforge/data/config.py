@@ -1,0 +1,156 @@
+"""Config for ``lmforge data prepare``: sources → clean → dedup → tokenizer → packed output.
+
+Same conventions as lmforge/config.py: YAML plus ``--section.key=value`` overrides, unknown keys
+rejected with the closest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from lmforge.config import ConfigError, Section, deep_merge, parse_overrides
+
+
+class SourceConfig(Section):
+    """One input: a file, folder or glob of files, or an HF ``save_to_disk`` folder."""
+
+    path: str
+    type: Literal["auto", "text", "jsonl", "parquet", "csv", "tsv", "hf"] = "auto"
+    field: str = Field("text", description="JSONL key / Parquet, CSV, HF column holding the text")
+    weight: float = Field(1.0, gt=0, description="expected copies of each kept document (0.5: half, 2: twice)")
+    doc_mode: Literal["file", "paragraph", "line"] = Field("file", description="text files: what one document is")
+    hf_split: Optional[str] = Field(None, description="split of an HF DatasetDict (default: 'train' or the only one)")
+    name: Optional[str] = Field(None, description="label in the summary (default: the path)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+class PiiConfig(Section):
+    emails: bool = True
+    phones: bool = True
+    ips: bool = True
+    long_digits: bool = Field(True, description="runs of 9+ digits (ids, card numbers)")
+
+
+class CleanConfig(Section):
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    remove_control: bool = Field(True, description="drop control/format characters except tab and newline")
+    normalize_whitespace: bool = Field(True, description="CRLF→LF, strip trailing spaces, ≤2 blank lines in a row")
+    collapse_spaces: bool = Field(False, description="also collapse runs of spaces (breaks code indentation)")
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(1_000_000, ge=1, description="longer documents (or source lines) are dropped")
+    max_repeated_line_fraction: float = Field(0.5, gt=0, le=1, description="drop if this fraction of non-empty "
+                                              "lines are repeats of earlier lines")
+    char_run: int = Field(16, ge=2, description="a run of this many identical characters counts as repetition")
+    max_char_run_fraction: float = Field(0.3, gt=0, le=1, description="drop if runs cover more of the text")
+    pii: Optional[PiiConfig] = Field(None, description="mask emails/phones/IPs/digit runs when set")
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity that counts as duplicate")
+    num_perm: int = Field(128, ge=16)
+    ngram: int = Field(5, ge=1, description="shingle size in words (CJK: characters)")
+
+
+class TokenizerSection(Section):
+    path: Optional[str] = Field(None, description="load this tokenizer instead of training one")
+    vocab_size: int = Field(8192, ge=260)
+    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]
+    min_frequency: int = Field(2, ge=1)
+    train_max_bytes: int = Field(200_000_000, ge=1, description="text sampled to train the tokenizer")
+
+
+class OutputConfig(Section):
+    dir: str
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+    seed: int = 0
+    shard_tokens: int = Field(1 << 24, ge=1)
+    num_workers: Optional[int] = Field(None, ge=0, description="tokenizer processes (None: all CPUs)")
+    keep_staging: bool = Field(False, description="keep the cleaned+deduplicated text after packing")
+
+
+class PrepareConfig(Section):
+    sources: list[SourceConfig]
+    clean: CleanConfig = CleanConfig()
+    dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerSection = TokenizerSection()
+    output: OutputConfig
+    strict: bool = Field(False, description="stop with file:line on bad input instead of skipping and counting")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrepareConfig":
+        if not self.sources:
+            raise ValueError("sources: at least one source is required")
+        if self.clean.min_chars > self.clean.max_chars:
+            raise ValueError(f"clean.min_chars={self.clean.min_chars} exceeds clean.max_chars={self.clean.max_chars}")
+        return self
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        out.append(prefix + name)
+        ann = f.annotation
+        args = getattr(ann, "__args__", ())
+        for t in (ann, *args):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out += _keys(t, prefix + name + ".")
+    return out
+
+
+def _format(err: ValidationError, source: str) -> str:
+    keys = _keys(PrepareConfig)
+    lines = []
+    where = f"{source}: " if source else ""
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        generic = ".".join("" if isinstance(p, int) else str(p) for p in e["loc"]).replace("..", ".")
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(generic, keys, n=1, cutoff=0.5)
+            lines.append(f"{where}unknown key '{path}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{where}missing required key '{path}'")
+        elif e["type"] == "value_error":
+            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{where}invalid value for '{path}': {e.get('input')!r} ({e['msg']})")
+    return "\n".join(lines)
+
+
+def build_prepare_config(tree: dict, source: str = "") -> PrepareConfig:
+    try:
+        return PrepareConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_prepare_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PrepareConfig:
+    tree: dict = {}
+    source = str(path) if path else ""
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{loc}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+        if "prepare" in tree and len(tree) == 1:  # allow nesting under a `prepare:` key
+            tree = tree["prepare"]
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        tree = deep_merge(tree, over)
+    return build_prepare_config(tree, source)

@@ -1,0 +1,190 @@
+"""``lmforge data prepare``: sources → clean → dedup → mix → tokenizer → packed shards.
+
+Stages, each resumable:
+  1. stage text: read every source, clean, deduplicate (across sources), apply mixing weights, write
+     ``_staging/docs.jsonl.zst`` (renamed into place when complete, with ``stage1.json`` stats);
+  2. tokenizer: load ``tokenizer.path`` or train on the staged text (saved in ``_staging``);
+  3. pack: ``pack_documents`` (finished shards of an interrupted run are kept).
+A rerun with the same config skips finished stages; any config change redoes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.data.clean import Cleaner
+from lmforge.data.config import PrepareConfig
+from lmforge.data.dedup import Deduplicator
+from lmforge.data.pack import _atomic_write_json, pack_documents
+from lmforge.data.sources import SkipLog, interleave, iter_source
+from lmforge.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+STAGING = "_staging"
+
+
+def _fingerprint(cfg: PrepareConfig) -> str:
+    parts = cfg.model_dump(mode="json", include={"sources", "clean", "dedup", "strict"})
+    parts["seed"] = cfg.output.seed
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def read_staged(path: Path) -> Iterator[str]:
+    import zstandard
+
+    with open(path, "rb") as fb, zstandard.ZstdDecompressor().stream_reader(fb) as zr:
+        for line in io.TextIOWrapper(zr, encoding="utf-8"):
+            yield json.loads(line)["text"]
+
+
+def stage_text(cfg: PrepareConfig, staging: Path) -> dict:
+    """Stage 1. Returns stats: per-source counts, dropped by reason, PII masks, bytes."""
+    import zstandard
+
+    log = SkipLog(strict=cfg.strict)
+    cleaner = Cleaner(cfg.clean)
+    dedup = Deduplicator(cfg.dedup)
+    rng = random.Random(cfg.output.seed)
+    labels = [s.label for s in cfg.sources]
+    per_source = {lab: Counter() for lab in labels}
+    dropped: Counter = Counter()
+    max_bytes = cfg.clean.max_chars * 4  # UTF-8 bound: longer raw input can never pass max_chars
+    streams = [iter_source(s, log, max_bytes) for s in cfg.sources]
+    tmp = staging / "docs.jsonl.zst.tmp"
+    out_bytes = in_bytes = docs_out = 0
+    with open(tmp, "wb") as fb, zstandard.ZstdCompressor(level=3).stream_writer(fb) as zw:
+        for i, (text, where) in interleave(streams, [s.weight for s in cfg.sources], cfg.output.seed):
+            c = per_source[labels[i]]
+            c["in"] += 1
+            in_bytes += len(text.encode("utf-8", "surrogatepass"))
+            cleaned, reason = cleaner(text)
+            if cleaned is None or (reason := dedup.is_duplicate(cleaned)) is not None:
+                dropped[reason] += 1
+                c[reason] += 1
+                continue
+            w = cfg.sources[i].weight
+            copies = int(w) + (rng.random() < w - int(w))
+            if not copies:
+                dropped["downsampled"] += 1
+                c["downsampled"] += 1
+                continue
+            line = (json.dumps({"text": cleaned}, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+            for _ in range(copies):
+                zw.write(line)
+            c["out"] += copies
+            docs_out += copies
+            out_bytes += copies * len(cleaned.encode("utf-8", "surrogatepass"))
+    tmp.replace(staging / "docs.jsonl.zst")
+    return {
+        "sources": {lab: dict(c) for lab, c in per_source.items()},
+        "skipped_input": dict(log.counts), "skipped_examples": log.examples,
+        "dropped": dict(dropped), "pii_masked": dict(cleaner.pii_counts),
+        "documents_out": docs_out, "bytes_in": in_bytes, "bytes_out": out_bytes,
+    }
+
+
+def _tokenizer(cfg: PrepareConfig, staging: Path, docs_path: Path) -> Tokenizer:
+    t = cfg.tokenizer
+    if t.path:
+        return load_tokenizer(t.path)
+    saved = staging / "tokenizer.json"
+    if saved.is_file():
+        return load_tokenizer(saved)
+
+    def sample() -> Iterator[str]:
+        total = 0
+        for text in read_staged(docs_path):
+            yield text
+            total += len(text)
+            if total >= t.train_max_bytes:
+                return
+
+    tok = train_tokenizer(sample(), t.vocab_size, special_tokens=t.special_tokens, min_frequency=t.min_frequency)
+    tok.save(saved)
+    return tok
+
+
+def prepare(cfg: PrepareConfig, console=None) -> dict:
+    """Run all stages; returns the manifest (with a ``prepare`` section of stats)."""
+    t0 = time.time()
+    out = Path(cfg.output.dir)
+    staging = out / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    docs_path = staging / "docs.jsonl.zst"
+    stage1_path = staging / "stage1.json"
+    fp = _fingerprint(cfg)
+    stage1 = json.loads(stage1_path.read_text()) if stage1_path.is_file() else None
+    resumed_stage1 = bool(stage1 and stage1.get("fingerprint") == fp and docs_path.is_file())
+    if not resumed_stage1:
+        for f in staging.iterdir():
+            f.unlink()
+        if console:
+            console.print(f"[bold]stage 1/3[/] reading, cleaning and deduplicating {len(cfg.sources)} source(s)")
+        stage1 = {"fingerprint": fp, "seconds": 0.0, **stage_text(cfg, staging)}
+        stage1["seconds"] = round(time.time() - t0, 3)
+        _atomic_write_json(stage1_path, stage1)
+    t1 = time.time()
+    if console:
+        console.print("[bold]stage 2/3[/] " + (f"loading tokenizer {cfg.tokenizer.path}" if cfg.tokenizer.path
+                      else f"training byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size})"))
+    tok = _tokenizer(cfg, staging, docs_path)
+    t2 = time.time()
+    if console:
+        console.print(f"[bold]stage 3/3[/] tokenizing and packing into {out}")
+    o = cfg.output
+    manifest = pack_documents(read_staged(docs_path), tok, out, val_fraction=o.val_fraction, seed=o.seed,
+                              shard_tokens=o.shard_tokens, num_workers=o.num_workers, resume=True)
+    t3 = time.time()
+    stats = {k: v for k, v in stage1.items() if k != "fingerprint"}
+    stats.update({"resumed_stage1": resumed_stage1, "tokenizer_seconds": round(t2 - t1, 3),
+                  "pack_seconds": round(t3 - t2, 3), "total_seconds": round(t3 - t0, 3),
+                  "tokenizer_trained": not cfg.tokenizer.path})
+    manifest["prepare"] = stats
+    _atomic_write_json(out / "manifest.json", manifest)
+    if not o.keep_staging:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def summary_table(manifest: dict):
+    """A rich Table summarising a prepare run."""
+    from rich.table import Table
+
+    p = manifest.get("prepare", {})
+    c = manifest["counts"]
+    table = Table(title="lmforge data prepare", show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for label, s in p.get("sources", {}).items():
+        kept = s.get("out", 0)
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k not in ("in", "out"))
+        table.add_row(f"source {label}", f"{s.get('in', 0)} in → {kept} out" + (f" ({drops})" if drops else ""))
+    for reason, n in sorted(p.get("skipped_input", {}).items()):
+        table.add_row(f"skipped input: {reason}", str(n))
+    for reason, n in sorted(p.get("dropped", {}).items()):
+        table.add_row(f"dropped: {reason}", str(n))
+    for kind, n in sorted(p.get("pii_masked", {}).items()):
+        table.add_row(f"PII masked: {kind}", str(n))
+    table.add_row("documents train / val", f"{c['documents']['train']} / {c['documents']['val']}")
+    table.add_row("tokens train / val", f"{c['tokens']['train']:,} / {c['tokens']['val']:,}")
+    table.add_row("shards train / val", f"{c['shards']['train']} / {c['shards']['val']}")
+    table.add_row("vocab / dtype", f"{manifest['vocab_size']} / {manifest['dtype']}")
+    if p:
+        secs = max(p.get("total_seconds", 0.0), 1e-9)
+        mb = p.get("bytes_in", 0) / 1e6
+        table.add_row("time (stage1 / tokenizer / pack)",
+                      f"{p.get('seconds', 0):.1f}s / {p.get('tokenizer_seconds', 0):.1f}s / {p.get('pack_seconds', 0):.1f}s")
+        table.add_row("throughput", f"{mb:.1f} MB in {secs:.1f}s = {mb / secs:.2f} MB/s")
+        if p.get("resumed_stage1"):
+            table.add_row("resumed", "stage 1 reused")
+    resumed = c.get("resumed_documents", {})
+    if any(resumed.values()):
+        table.add_row("resumed shards (documents)", f"{resumed.get('train', 0)} / {resumed.get('val', 0)}")
+    return table
