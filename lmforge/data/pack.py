@@ -172,7 +172,7 @@ def pack_documents(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     num_workers: Optional[int] = None,
     resume: bool = True,
-    batch_bytes: int = _BATCH_BYTES,
+    batch_bytes: Optional[int] = None,
     extra: Optional[dict] = None,
 ) -> dict:
     """Tokenize ``docs`` (streamed) into shards under ``out_dir``; returns the manifest.
@@ -227,7 +227,7 @@ def pack_documents(
             in_bytes += len(text.encode("utf-8", "surrogatepass"))
             yield text, split
 
-    for tokens, lengths, is_val in _tokenized(_batches(assigned(), batch_bytes), tokenizer, dtype, num_workers):
+    for tokens, lengths, is_val in _tokenized(_batches(assigned(), batch_bytes or _BATCH_BYTES), tokenizer, dtype, num_workers):
         ends = np.cumsum(lengths)
         starts = ends - lengths
         if not is_val.any():
