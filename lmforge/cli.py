@@ -55,8 +55,11 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     import yaml
 
-    from lmforge.config import config_to_dict, load_config
+    from lmforge.config import config_to_dict, load_config, reference_markdown
 
+    if args.reference:
+        print(reference_markdown())
+        return 0
     cfg = load_config(args.config, extra)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="validate a config and print it fully resolved (defaults and presets filled)")
     c.add_argument("--config", help="YAML config file")
+    c.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown)")
     c.set_defaults(func=_cmd_config)
 
     for register in _optional_commands():

@@ -1,4 +1,6 @@
 """Subcommand groups contributed by subsystems. Each entry takes argparse's subparsers object and adds
-parsers whose ``func(args, extra)`` returns an exit code."""
+parsers whose ``func(args, extra)`` returns an exit code. Registrars import nothing heavy."""
 
-REGISTRARS: list = []
+from lmforge.data.cli import add_data_commands
+
+REGISTRARS: list = [add_data_commands]

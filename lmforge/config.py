@@ -326,3 +326,28 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def reference_markdown() -> str:
+    """Markdown table of every key with its type, default and description (docs/config.md is this)."""
+    lines = ["# Config reference", "",
+             "Generated from the schema in `lmforge/config.py` by `lmforge config --reference`.",
+             "Every key can be set in YAML or on the command line as `--section.key=value`.", ""]
+    for section, field in Config.model_fields.items():
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            lines += [f"- `{section}` (default `{field.default}`)", ""]
+            continue
+        lines += [f"## `{section}`", "", (ann.__doc__ or "").strip().split("\n")[0], "",
+                  "| key | type | default | notes |", "|---|---|---|---|"]
+        for name, f in ann.model_fields.items():
+            typ = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            notes = f.description or ""
+            bounds = [f"{k} {getattr(m, k)}" for m in f.metadata for k in ("ge", "gt", "le", "lt")
+                      if getattr(m, k, None) is not None]
+            if bounds:
+                notes = (notes + "; " if notes else "") + ", ".join(bounds).replace("ge ", "≥ ").replace(
+                    "gt ", "> ").replace("le ", "≤ ").replace("lt ", "< ")
+            lines.append(f"| `{section}.{name}` | `{typ}` | `{f.default}` | {notes} |")
+        lines.append("")
+    return "\n".join(lines)
