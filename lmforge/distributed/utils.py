@@ -1,0 +1,128 @@
+"""Helpers a training loop needs under any parallelism: token-count loss normalisation, global-norm gradient
+clipping over DTensor/FSDP/TP/PP params, gradient-sync control on accumulation micro-steps, rank-0 printing.
+
+Loss normalisation: with data-parallel gradient *averaging* (DDP and FSDP2 divide by the dp size), each
+rank's loss must be ``sum_of_token_losses * dp / global_valid_tokens`` so the averaged gradient equals the
+gradient of the mean loss over every valid token of the global batch (all micro-steps, all ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lmforge.distributed.mesh import ParallelDims
+
+
+def global_token_count(local_count: int | torch.Tensor, pdims: ParallelDims) -> int:
+    """Sum of valid (non-ignored) target tokens over the dp group."""
+    n = torch.as_tensor(local_count, dtype=torch.int64, device=pdims.device).reshape(())
+    if pdims.dp > 1:
+        n = n.clone()
+        dist.all_reduce(n, group=pdims.group("dp"))
+    return int(n.item())
+
+
+def normalize_loss(loss_sum: torch.Tensor, global_tokens: int, pdims: ParallelDims) -> torch.Tensor:
+    """Per-rank loss to backprop so dp-averaged gradients match the global token mean."""
+    return loss_sum * (pdims.dp / max(global_tokens, 1))
+
+
+def reduce_mean(value: float | torch.Tensor, pdims: ParallelDims, dim: str = "dp") -> float:
+    """Average a scalar (e.g. a logged loss) over a mesh dim."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=pdims.device).reshape(()).clone()
+    if pdims.is_distributed and getattr(pdims, dim) > 1:
+        dist.all_reduce(t, group=pdims.group(dim))
+        t /= getattr(pdims, dim)
+    return float(t.item())
+
+
+def _local_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of the grads' *global* values; DTensor grads are reduced over their own mesh."""
+    from torch.distributed.tensor import DTensor
+
+    total = torch.zeros((), dtype=torch.float64)
+    groups: dict[tuple, list] = {}
+    plain = []
+    for g in grads:
+        if isinstance(g, DTensor):
+            groups.setdefault((id(g.device_mesh), g.placements), []).append(g)
+        else:
+            plain.append(g)
+    if plain:
+        total += sum(p.detach().double().pow(2).sum().cpu() for p in plain)
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=False)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total += norm.detach().double().cpu() ** 2
+    return total
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor] | nn.Module, max_norm: float | None,
+                   pdims: ParallelDims) -> float:
+    """Global L2 grad norm over all ranks' params (TP/FSDP DTensors reduced per mesh, pipeline stages summed);
+    grads are scaled in place when ``max_norm`` is set. Returns the norm before clipping."""
+    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = _local_sq_norm(grads)
+    if pdims.pp > 1:
+        sq_t = sq.to(pdims.device)
+        dist.all_reduce(sq_t, group=pdims.group("pp"))
+        sq = sq_t.cpu()
+    total = math.sqrt(float(sq))
+    if max_norm is not None and grads:
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for g in grads:  # per tensor: plain and DTensor grads (TP mix) cannot share one foreach call
+                g.mul_(coef)
+    return total
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Context for one accumulation micro-step: ``enabled=False`` skips the gradient all-reduce /
+    reduce-scatter (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync``); use True on the last micro-step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with (contextlib.nullcontext() if enabled else model.no_sync()):
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def rank0_print(pdims: ParallelDims, *args, **kwargs) -> None:
+    if pdims.is_rank0:
+        print(*args, **kwargs, flush=True)
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank holds for parameters (local shards) and optimizer states."""
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    seen, p_bytes = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            p_bytes += nbytes(p)
+    o_bytes = 0
+    if optimizer is not None:
+        inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps the local one here
+        for state in inner.state.values():
+            o_bytes += sum(nbytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {"params": p_bytes, "optimizer": o_bytes}
