@@ -1,0 +1,97 @@
+"""DeepSpeed JSON → lmforge config mapping."""
+
+import json
+
+import pytest
+
+from lmforge.config import ConfigError
+from lmforge.distributed.deepspeed_config import deepspeed_to_tree, load_deepspeed_config, resolve_batch
+
+FULL = {
+    "train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+    "bf16": {"enabled": True}, "fp16": {"enabled": False, "loss_scale": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                              "weight_decay": 0.1, "torch_adam": True}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000, "warmup_num_steps": 50,
+                                                       "cos_min_ratio": 0.1, "warmup_type": "linear"}},
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "offload_optimizer": {"device": "cpu"},
+                          "offload_param": {"device": "cpu", "pin_memory": True}},
+    "activation_checkpointing": {"partition_activations": False},
+    "steps_per_print": 25, "tensorboard": {"enabled": True, "output_path": "tb"},
+    "wandb": {"enabled": False}, "wall_clock_breakdown": False,
+}
+
+
+def test_full_file_maps_every_block(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(FULL))
+    cfg, notes = load_deepspeed_config(path, dp_size=4, base={"model": {"preset": "tiny"}})
+    t, o, s, d = cfg.training, cfg.optimizer, cfg.scheduler, cfg.distributed
+    assert (t.micro_batch_size, t.grad_accum_steps, t.precision, t.grad_clip) == (4, 4, "bf16", 1.0)
+    assert (t.max_steps, t.activation_checkpointing) == (2000, True)
+    assert (o.name, o.lr, o.betas, o.weight_decay) == ("adamw", 6e-4, (0.9, 0.95), 0.1)
+    assert (s.name, s.warmup_steps, s.min_lr_ratio) == ("cosine", 50, 0.1)
+    assert (d.strategy, d.cpu_offload) == ("zero3", True)
+    assert (cfg.logging.log_every, cfg.logging.tensorboard) == (25, True)
+    assert cfg.model.d_model == 64  # base kept
+    assert any("overlap_comm" in n for n in notes) and any("torch_adam" in n for n in notes)
+
+
+@pytest.mark.parametrize("train,micro,gas,dp,expect", [
+    (64, 4, None, 4, (64, 4, 4)), (64, None, 2, 4, (64, 8, 2)), (None, 4, 2, 4, (32, 4, 2)),
+    (32, None, None, 4, (32, 8, 1)), (None, 3, None, 2, (6, 3, 1)), (24, 3, 2, 4, (24, 3, 2)),
+])
+def test_batch_rule_derives_the_missing_value(train, micro, gas, dp, expect):
+    assert resolve_batch(train, micro, gas, dp) == expect
+
+
+def test_inconsistent_batch_triple_shows_arithmetic():
+    with pytest.raises(ConfigError, match=r"train_batch_size=64 != .*4 × .*2 × data-parallel size=4 \(= 32\)"):
+        resolve_batch(64, 4, 2, 4)
+    with pytest.raises(ConfigError, match="inconsistent"):
+        resolve_batch(10, 4, None, 4)  # 10 // 4 // 4 = 0 accumulation steps
+    with pytest.raises(ConfigError, match="needs train_batch_size or train_micro"):
+        resolve_batch(None, None, 4, 2)
+
+
+def test_unknown_keys_reported_together():
+    bad = {"train_batch_size": 8, "zero_optimisation": {}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3,
+           "betaz": [0.9, 0.9]}}, "zero_optimization": {"stage": 2, "stage4_magic": 1}}
+    with pytest.raises(ConfigError) as e:
+        deepspeed_to_tree(bad, 1)
+    msg = str(e.value)
+    assert msg.count("\n") == 0
+    for k in ("zero_optimisation", "optimizer.params.betaz", "zero_optimization.stage4_magic"):
+        assert k in msg
+
+
+@pytest.mark.parametrize("ds,match", [
+    ({"train_batch_size": 8, "fp16": {"enabled": True}}, "fp16.enabled=true is not supported"),
+    ({"train_batch_size": 8, "scheduler": {"type": "OneCycle", "params": {}}}, "OneCycle.*no lmforge equivalent"),
+    ({"train_batch_size": 8, "optimizer": {"type": "Lamb"}}, "optimizer.type='Lamb'"),
+    ({"train_batch_size": 8, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+     "needs stage 2 or 3"),
+    ({"train_batch_size": 8, "wandb": {"enabled": True}}, "wandb"),
+])
+def test_unsupported_features_error_clearly(ds, match):
+    with pytest.raises(ConfigError, match=match):
+        deepspeed_to_tree(ds, 2)
+
+
+def test_schedulers_and_stages_map():
+    tree, _ = deepspeed_to_tree({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
+                                 "scheduler": {"type": "WarmupDecayLR", "params": {
+                                     "warmup_max_lr": 1e-3, "warmup_num_steps": 10, "total_num_steps": 100}}}, 2)
+    assert tree["scheduler"] == {"warmup_steps": 10, "name": "linear", "min_lr_ratio": 0.0}
+    assert tree["optimizer"]["lr"] == 1e-3 and tree["training"]["max_steps"] == 100
+    assert tree["distributed"]["strategy"] == "zero1"
+    tree, notes = deepspeed_to_tree({"train_batch_size": 4, "scheduler": {"type": "WarmupLR"}}, 1)
+    assert tree["scheduler"]["name"] == "constant" and any("linearly" in n for n in notes)
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "train_batch_size": 8,\n  "bf16": {enabled: true}\n}')
+    with pytest.raises(ConfigError, match=r"bad.json:3:\d+: not valid JSON"):
+        load_deepspeed_config(path, 1)
