@@ -95,3 +95,24 @@ def test_invalid_json_names_file_and_line(tmp_path):
     path.write_text('{\n  "train_batch_size": 8,\n  "bf16": {enabled: true}\n}')
     with pytest.raises(ConfigError, match=r"bad.json:3:\d+: not valid JSON"):
         load_deepspeed_config(path, 1)
+
+
+def test_estimate_cli_recommends_a_fitting_setup(capsys):
+    from lmforge.distributed.estimate import GiB, ModelShape, estimate, estimate_main, recommend
+
+    args = ["--world-size", "8", "--model.preset=llama-1b", "--model.vocab_size=32000", "--data.seq_len=2048",
+            "--training.precision=bf16", "--training.micro_batch_size=4"]
+    assert estimate_main(args + ["--budget-gb", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "zero3+offload" in out and "recommended for 16.0 GiB" in out
+    assert estimate_main(args + ["--budget-gb", "0.01"]) == 1
+    from lmforge.config import build_config
+
+    shape = ModelShape.from_config(build_config({"model": {"preset": "llama-1b", "vocab_size": 32000}}).model)
+    rec = recommend(shape, 8, 16, seq_len=2048, micro_batch=4, precision="bf16")
+    assert rec["estimate"]["total"] <= 16 * GiB
+    ddp = estimate(shape, "ddp", 8, micro_batch=4, seq_len=2048)
+    z3 = estimate(shape, "zero3", 8, micro_batch=4, seq_len=2048)
+    assert z3["params"] == pytest.approx(ddp["params"] / 8) and z3["optimizer"] == pytest.approx(ddp["optimizer"] / 8)
+    ac = estimate(shape, "zero3", 8, micro_batch=4, seq_len=2048, activation_checkpointing=True)
+    assert ac["activations"] < 0.5 * z3["activations"]

@@ -95,20 +95,23 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, *, tp: int = 1, 
     return out
 
 
-def recommend(shape: ModelShape, world_size: int, budget_gb: float, seq_len: int, **kw) -> Optional[dict]:
-    """Cheapest-communication strategy that fits: fewer collectives first, then no TP, no checkpointing,
-    then the largest micro-batch."""
+def recommend(shape: ModelShape, world_size: int, budget_gb: float, seq_len: int, micro_batch: int = 8,
+              **kw) -> Optional[dict]:
+    """Keep the requested micro-batch if anything fits (halve it otherwise); among setups that fit, take
+    the fewest collectives: ddp < zero1 < zero2 < zero3 < offload, then no TP, then no checkpointing."""
     budget = budget_gb * GiB
     tps = [t for t in (1, 2, 4, 8) if world_size % t == 0 and shape.n_kv_heads % t == 0]
-    for strategy in _STRATEGIES:
-        for tp in tps:
-            for ac in (False, True):
-                for mb in (32, 16, 8, 4, 2, 1):
+    mb = micro_batch
+    while mb >= 1:
+        for strategy in _STRATEGIES:
+            for tp in tps:
+                for ac in (False, True):
                     est = estimate(shape, strategy, world_size, tp=tp, micro_batch=mb, seq_len=seq_len,
                                    activation_checkpointing=ac, **kw)
                     if est["total"] <= budget:
                         return {"strategy": strategy, "tp": tp, "activation_checkpointing": ac,
                                 "micro_batch": mb, "estimate": est}
+        mb //= 2
     return None
 
 
@@ -143,7 +146,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
                        dp_replicate=max(d.dp_replicate, 1), **kw)
         print(_row(s, est))
     if args.budget_gb is not None:
-        rec = recommend(shape, args.world_size, args.budget_gb, **kw)
+        rec = recommend(shape, args.world_size, args.budget_gb, micro_batch=t.micro_batch_size, **kw)
         if rec is None:
             print(f"nothing fits {args.budget_gb} GiB per rank, even zero3+offload with micro-batch 1")
             return 1
