@@ -104,7 +104,7 @@ def recommend(shape: ModelShape, world_size: int, budget_gb: float, seq_len: int
     mb = micro_batch
     while mb >= 1:
         for strategy in _STRATEGIES:
-            for tp in tps:
+            for tp in tps if strategy.startswith(("zero2", "zero3")) else [1]:  # DDP cannot hold TP DTensors
                 for ac in (False, True):
                     est = estimate(shape, strategy, world_size, tp=tp, micro_batch=mb, seq_len=seq_len,
                                    activation_checkpointing=ac, **kw)
