@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from lmforge.config import build_config
 from lmforge.distributed.mesh import ParallelDims
 from lmforge.distributed.parallelize import parallelize_model, shard_optimizer
-from lmforge.distributed.utils import clip_grad_norm, global_token_count, normalize_loss
+from lmforge.distributed.utils import clip_grad_norm, global_token_count, grad_sync, normalize_loss
 
 VOCAB, SEQ, BATCH, STEPS, LR, CLIP = 96, 32, 4, 5, 0.5, 1.0
 
 
-def make_cfg(tie: bool = True, **dist):
+def make_cfg(tie: bool = True, accum: int = 1, **dist):
     return build_config({"model": {"preset": "tiny", "vocab_size": VOCAB, "tie_embeddings": tie},
-                         "training": {"device": "cpu"}, "distributed": dist})
+                         "training": {"device": "cpu", "grad_accum_steps": accum}, "distributed": dist})
 
 
 def make_data(steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +73,14 @@ def train_steps(model, opt, pdims: ParallelDims, cfg, start: int, stop: int) -> 
             mb_losses = pipeline_step(schedule, pdims, x_BT, y_BT)
             local = sum(float(v) for v in mb_losses) * ntok / pdims.dp if mb_losses else 0.0
         else:
-            logits_BTV = model(x_BT)
-            ce = F.cross_entropy(logits_BTV.flatten(0, 1), y_BT.flatten(), ignore_index=-100, reduction="sum")
-            normalize_loss(ce, ntok, pdims).backward()
-            local = float(ce.detach())
+            accum, local = cfg.training.grad_accum_steps, 0.0
+            for i, (xm_BT, ym_BT) in enumerate(zip(x_BT.chunk(accum), y_BT.chunk(accum))):
+                with grad_sync(model, enabled=i == accum - 1):
+                    logits_BTV = model(xm_BT)
+                    ce = F.cross_entropy(logits_BTV.flatten(0, 1), ym_BT.flatten(), ignore_index=-100,
+                                         reduction="sum")
+                    normalize_loss(ce, ntok, pdims).backward()
+                local += float(ce.detach())
         norms.append(clip_grad_norm(model, CLIP, pdims))
         opt.step()
         opt.zero_grad()

@@ -31,6 +31,8 @@ WORLD2_CASES = {
     "zero3": dict(strategy="zero3"),
     "zero3_offload": dict(strategy="zero3", cpu_offload=True),
     "tp": dict(strategy="zero3", dp_shard=1, tp=2),
+    "ddp_accum": dict(strategy="ddp"),
+    "zero3_accum": dict(strategy="zero3"),
     "pp_gpipe": dict(strategy="zero3", dp_shard=1, pp=2, pp_schedule="gpipe", pp_microbatches=2),
 }
 WORLD4_CASES = {
@@ -54,7 +56,7 @@ def _run_cases(rank, world, out, cases, ckpt_root):
     init_distributed(make_cfg(strategy="ddp"))
     results = {}
     for name, kw in cases.items():
-        cfg = make_cfg(tie=not name.startswith("pp"), **kw)
+        cfg = make_cfg(tie=not name.startswith("pp"), accum=2 if name.endswith("_accum") else 1, **kw)
         pdims = _case(cfg, rank, world)
         model, opt = build(cfg, pdims)
         res = train_steps(model, opt, pdims, cfg, 0, STEPS)
