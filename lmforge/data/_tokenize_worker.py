@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -17,12 +19,8 @@ def init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
 def encode_docs(texts: list[str], is_val: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode a batch; returns (tokens with EOS after each doc, per-doc lengths incl. EOS, is_val mask)."""
     tok, eos, dtype = _STATE["tok"], _STATE["eos"], _STATE["dtype"]
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for e, n in zip(encs, lengths):
-        out[pos:pos + n - 1] = e.ids
-        out[pos + n - 1] = eos
-        pos += n
+    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    eos_list = [eos]
+    out = np.fromiter(chain.from_iterable(x + eos_list for x in ids), dtype=dtype, count=int(lengths.sum()))
     return out, lengths, np.asarray(is_val, dtype=bool)
