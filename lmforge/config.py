@@ -72,13 +72,17 @@ class DataConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: Literal["adamw", "adam", "sgd", "lion", "adafactor"] = "adamw"
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(False, description="sgd only")
+    no_decay_patterns: list[str] = Field(default_factory=list, description="extra param-name substrings with no "
+                                         "weight decay (ndim<2 params and embeddings never decay)")
+    embedding_weight_decay: Optional[float] = Field(None, ge=0, description="decay for embedding tables "
+                                                    "(None: no decay)")
 
     @model_validator(mode="after")
     def _betas(self) -> "OptimizerConfig":
@@ -89,9 +93,12 @@ class OptimizerConfig(Section):
 
 
 class SchedulerConfig(Section):
-    name: Literal["cosine", "linear", "constant"] = "cosine"
+    name: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd", "WarmupLR", "WarmupDecayLR",
+                  "WarmupCosineLR", "OneCycle", "LRRangeTest"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optimizer.lr")
+    params: dict[str, Any] = Field(default_factory=dict, description="schedule-specific: wsd decay_fraction/"
+                                   "decay_shape; DeepSpeed schedules take DeepSpeed's parameter names")
 
 
 class TrainingConfig(Section):
@@ -99,26 +106,52 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0, description="global-norm clip; None disables")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast compute dtype; fp16 adds "
+                                                      "dynamic loss scaling")
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the model's parameters")
+    master_weights: bool = Field(True, description="with param_dtype=bfloat16: fp32 master copy in the optimizer")
+    loss_scale_init: float = Field(2.0 ** 16, gt=0, description="fp16: initial loss scale")
+    loss_scale_window: int = Field(1000, ge=1, description="fp16: good steps before doubling the scale")
+    loss_scale_hysteresis: int = Field(2, ge=1, description="fp16: overflows tolerated before halving the scale")
+    loss_scale_min: float = Field(1.0, gt=0, description="fp16: lowest scale")
+    loss_scale_max_skips_at_min: int = Field(10, ge=1, description="fp16: overflow steps in a row at the lowest "
+                                             "scale before stopping")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1337
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
+    stop_at_step: Optional[int] = Field(None, ge=1, description="stop (and checkpoint) after this step; the "
+                                        "schedule still spans max_steps (run a long schedule in chunks)")
+    max_bad_steps: int = Field(5, ge=1, description="non-finite loss/grad steps in a row before stopping")
     eval_every: int = Field(200, ge=0, description="0 disables periodic evaluation")
     eval_batches: int = Field(20, ge=1)
     compile: bool = False
     activation_checkpointing: bool = False
+    ac_every: int = Field(1, ge=1, description="checkpoint every k-th block (1: all)")
+    ac_selective: bool = Field(False, description="save matmul outputs, recompute the cheap ops only")
+    compile_cache_dir: Optional[str] = Field(None, description="persistent torch.compile cache (None: torch default)")
+    spike_factor: Optional[float] = Field(None, gt=1, description="warn when grad norm > factor x running mean")
+    early_stop_metric: Optional[str] = Field(None, description="e.g. val_loss; None disables early stopping")
+    early_stop_patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    early_stop_min_delta: float = Field(0.0, ge=0)
+    early_stop_mode: Literal["min", "max"] = "min"
 
 
 class CheckpointConfig(Section):
     every_steps: int = Field(500, ge=0, description="0: only at the end of the run")
     keep_last: int = Field(2, ge=1)
     resume: Optional[str] = Field(None, description="None, 'auto' (newest complete) or a checkpoint folder")
+    keep_best: int = Field(0, ge=0, description="also keep the k best checkpoints by best_metric")
+    best_metric: str = "val_loss"
+    best_mode: Literal["min", "max"] = "min"
 
 
 class LoggingConfig(Section):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = True
     progress: bool = True
+    report: bool = Field(True, description="write report.html (plots + config) at the end of the run")
+    wandb: bool = Field(False, description="also log to Weights & Biases in offline mode (if installed)")
+    wandb_project: str = "lmforge"
 
 
 class DistributedConfig(Section):

@@ -1,0 +1,118 @@
+"""Mixed precision: fp16 dynamic loss scaling (DeepSpeed's knobs) and fp32 master weights for bf16 params."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class DynamicLossScaler:
+    """DeepSpeed-style dynamic loss scale. An overflow step is skipped; after ``hysteresis`` overflows (since
+    the last good window) the scale halves (not below ``min_scale``); ``window`` overflow-free steps double
+    it. ``max_skips_at_min`` overflows in a row at ``min_scale`` make ``update`` return a stop message."""
+
+    def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000, hysteresis: int = 2,
+                 min_scale: float = 1.0, max_skips_at_min: int = 10, factor: float = 2.0):
+        self.scale, self.window, self.hysteresis, self.min_scale = float(init_scale), window, hysteresis, min_scale
+        self.max_skips_at_min, self.factor = max_skips_at_min, factor
+        self.cur_hysteresis, self.good_steps, self.skips_at_min, self.overflows = hysteresis, 0, 0, 0
+
+    def unscale_(self, params) -> bool:
+        """Divide grads by the scale in place; True when all are finite."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        found_inf = torch.zeros(1, device=grads[0].device)
+        inv = torch.full((1,), 1.0 / self.scale, device=grads[0].device)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, inv)
+        return not bool(found_inf.item())
+
+    def update(self, found_inf: bool) -> Optional[str]:
+        if found_inf:
+            self.overflows += 1
+            self.good_steps = 0
+            if self.scale <= self.min_scale:
+                self.skips_at_min += 1
+                if self.skips_at_min >= self.max_skips_at_min:
+                    return (f"fp16: {self.skips_at_min} overflow steps in a row at the minimum loss scale "
+                            f"{self.min_scale}; the model does not fit fp16's range. Use training.precision=bf16")
+            if self.cur_hysteresis <= 1:
+                self.scale = max(self.scale / self.factor, self.min_scale)
+                self.cur_hysteresis = self.hysteresis
+            else:
+                self.cur_hysteresis -= 1
+            return None
+        self.skips_at_min = 0
+        self.good_steps += 1
+        if self.good_steps % self.window == 0:
+            self.scale *= self.factor
+            self.cur_hysteresis = self.hysteresis
+        return None
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "cur_hysteresis", "good_steps", "skips_at_min", "overflows")}
+
+    def load_state_dict(self, st: dict) -> None:
+        for k, v in st.items():
+            setattr(self, k, v)
+
+
+def make_loss_scaler(tc) -> Optional[DynamicLossScaler]:
+    if tc.precision != "fp16":
+        return None
+    return DynamicLossScaler(tc.loss_scale_init, tc.loss_scale_window, tc.loss_scale_hysteresis,
+                             tc.loss_scale_min, tc.loss_scale_max_skips_at_min)
+
+
+def cast_params_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters only (buffers such as RoPE tables stay fp32); tied params stay tied."""
+    for p in {id(p): p for p in model.parameters()}.values():
+        p.data = p.data.to(dtype)
+
+
+class MasterWeights:
+    """fp32 copies of low-precision params. The optimizer steps the copies; the model gets them rounded."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.master = copy.deepcopy(model)
+        cast_params_(self.master, torch.float32)
+        self.model_params = list(model.parameters())
+        self.master_params = list(self.master.parameters())
+
+    @classmethod
+    def maybe(cls, model: nn.Module, tc) -> Optional["MasterWeights"]:
+        if tc.param_dtype != "bfloat16":
+            return None
+        cast_params_(model, torch.bfloat16)
+        return cls(model) if tc.master_weights else None
+
+    def model_for_optimizer(self) -> nn.Module:
+        return self.master
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.model_params, self.master_params):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        torch._foreach_copy_(self.model_params, self.master_params)
+
+    def zero_grad(self) -> None:
+        for p in self.model_params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.master.state_dict().items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.master.load_state_dict(sd)
+        self.master_to_model()
