@@ -118,7 +118,10 @@ def _optional_commands():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):  # the command parses its own arguments
+        extra = argv[argv.index(args.command) + 1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -2,5 +2,6 @@
 parsers whose ``func(args, extra)`` returns an exit code. Registrars import nothing heavy."""
 
 from lmforge.data.cli import add_data_commands
+from lmforge.distributed.cli import add_distributed_commands
 
-REGISTRARS: list = [add_data_commands]
+REGISTRARS: list = [add_data_commands, add_distributed_commands]

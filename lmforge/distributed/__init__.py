@@ -1,8 +1,20 @@
-"""Multi-process training: mesh, parallelisms, distributed checkpoints, DeepSpeed config import, estimates."""
+"""Multi-process training: mesh, parallelisms, distributed checkpoints, DeepSpeed config import, estimates.
 
-from lmforge.distributed.mesh import ParallelDims, destroy_distributed, init_distributed
-from lmforge.distributed.parallelize import parallelize_model, shard_optimizer
-from lmforge.distributed.utils import clip_grad_norm, global_token_count, grad_sync, normalize_loss, rank0_print
+Names are imported lazily so ``lmforge --help`` (which registers ``estimate``/``checkpoint``) stays instant.
+"""
 
-__all__ = ["ParallelDims", "init_distributed", "destroy_distributed", "parallelize_model", "shard_optimizer",
-           "clip_grad_norm", "global_token_count", "grad_sync", "normalize_loss", "rank0_print"]
+import importlib
+
+_EXPORTS = {
+    "ParallelDims": "mesh", "init_distributed": "mesh", "destroy_distributed": "mesh",
+    "parallelize_model": "parallelize", "shard_optimizer": "parallelize",
+    "clip_grad_norm": "utils", "global_token_count": "utils", "grad_sync": "utils", "normalize_loss": "utils",
+    "rank0_print": "utils",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"lmforge.distributed.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'lmforge.distributed' has no attribute {name!r}")

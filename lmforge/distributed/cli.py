@@ -1,0 +1,39 @@
+"""``lmforge estimate`` and ``lmforge checkpoint consolidate``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_estimate(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.distributed.estimate import estimate_main
+
+    return estimate_main(extra)
+
+
+def _cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmforge.config import ConfigError
+
+    if extra:
+        raise ConfigError(f"checkpoint consolidate: unexpected arguments {' '.join(extra)}")
+    from lmforge.distributed.checkpoint import consolidate
+
+    try:
+        out = consolidate(args.checkpoint, args.out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def add_distributed_commands(subparsers) -> None:
+    e = subparsers.add_parser("estimate", add_help=False,
+                              help="per-rank memory for each parallel strategy, and a recommendation for a budget")
+    e.set_defaults(func=_cmd_estimate, passthrough=True)
+
+    c = subparsers.add_parser("checkpoint", help="checkpoint tools (consolidate a sharded checkpoint)")
+    csub = c.add_subparsers(dest="checkpoint_command", metavar="CHECKPOINT_COMMAND", required=True)
+    k = csub.add_parser("consolidate", help="merge a sharded checkpoint's weights into one safetensors file")
+    k.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX)")
+    k.add_argument("--out", required=True, help="output .safetensors file")
+    k.set_defaults(func=_cmd_consolidate)

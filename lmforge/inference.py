@@ -1,0 +1,63 @@
+"""Load a trained run folder (config + tokenizer + newest checkpoint) and generate text from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmforge.config import ConfigError, load_config
+
+
+def find_tokenizer(run: Path, data_path: Optional[str]):
+    from lmforge.data.tokenizer import load_tokenizer
+
+    for cand in (run / "tokenizer.json", Path(data_path) / "tokenizer.json" if data_path else None):
+        if cand is not None and cand.exists():
+            return load_tokenizer(cand)
+    raise ConfigError(f"no tokenizer.json in run folder {run} or in data.path={data_path}")
+
+
+def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "cpu"):
+    """→ (model in eval mode, tokenizer, config, checkpoint folder used)."""
+    from lmforge.models import build_model
+    from lmforge.training.checkpoint import find_latest, load_model_weights
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"{run} is not a run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    ckpt = Path(checkpoint) if checkpoint else find_latest(run)
+    if ckpt is None:
+        raise ConfigError(f"no complete checkpoint in {run / 'checkpoints'}")
+    model = build_model(cfg.model, device="meta")
+    model.to_empty(device=device)
+    model.init_weights(0)  # buffers (e.g. RoPE tables); parameters are overwritten below
+    load_model_weights(ckpt, model)
+    model.eval()
+    return model, find_tokenizer(run, cfg.data.path), cfg, ckpt
+
+
+@torch.inference_mode()
+def generate_from_run(run_dir: str, prompts: list[str], checkpoint: Optional[str] = None, max_new_tokens: int = 128,
+                      temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                      repetition_penalty: float = 1.0, seed: Optional[int] = 0,
+                      stop: Optional[list[str]] = None) -> list[str]:
+    """Generate a continuation for each prompt; returns the new text only (cut at the first stop string)."""
+    from lmforge.models.generate import generate
+
+    model, tok, _, _ = load_run(run_dir, checkpoint)
+    ids = [tok.encode(p) for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        raise ConfigError("generate: a prompt encodes to zero tokens; give at least one character")
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, eos_id=tok.eos_id, seed=seed)
+    texts = [tok.decode(o) for o in out]
+    if stop:
+        cut = []
+        for t in texts:
+            pos = [t.find(s) for s in stop if s and t.find(s) >= 0]
+            cut.append(t[: min(pos)] if pos else t)
+        texts = cut
+    return texts
