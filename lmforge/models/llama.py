@@ -19,22 +19,23 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.models.common import (KVCache, attention, doc_causal_mask, ffn_hidden_default, fill_const_,
                                    fill_normal_, init_generator, linear_weights)
+from lmforge.models.losses import cross_entropy, linear_cross_entropy
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_len, Dh] (each frequency repeated for both halves)."""
+    """cos [max_len, Dh] and sign-folded sin [max_len, Dh] (-sin on the first half, +sin on the second)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     angles_TF = torch.arange(max_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-    angles_TD = torch.cat([angles_TF, angles_TF], dim=-1)
-    return angles_TD.cos().float(), angles_TD.sin().float()
+    cos, sin = angles_TF.cos(), angles_TF.sin()
+    return torch.cat([cos, cos], -1).float(), torch.cat([-sin, sin], -1).float()
 
 
-def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x·cos + rotate_half(x)·sin; cos/sin broadcast as [T, 1, Dh] or [B, T, 1, Dh]."""
+def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF "rotate half" RoPE, x·cos + [-x2, x1]·sin, written as x·cos + [x2, x1]·sin_signed.
+    cos/sin broadcast as [T, 1, Dh] or [B, T, 1, Dh]."""
     half = x_BTHD.shape[-1] // 2
-    x1, x2 = x_BTHD[..., :half], x_BTHD[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BTHD * cos + rotated * sin
+    swapped = torch.cat([x_BTHD[..., half:], x_BTHD[..., :half]], dim=-1)
+    return x_BTHD * cos + swapped * sin_signed
 
 
 class Attention(nn.Module):
@@ -86,7 +87,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # cast once here, not once per consuming Linear
+            out = out.to(torch.get_autocast_dtype(dev))
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -194,6 +199,9 @@ class Llama(nn.Module):
                 raise ValueError(f"doc_ids_BT shape {tuple(doc_ids_BT.shape)} != tokens shape {(B, T)}")
             mask = doc_causal_mask(doc_ids_BT)
         cos, sin = self._rope(T, positions_BT, start)
+        dev = tokens_BT.device.type
+        if torch.is_autocast_enabled(dev):
+            cos, sin = cos.to(torch.get_autocast_dtype(dev)), sin.to(torch.get_autocast_dtype(dev))
         x_BTD = self.emb_dropout(self.tok_embeddings(tokens_BT))
         for layer in self.layers:
             x_BTD = layer(x_BTD, cos, sin, mask, cache)
@@ -204,3 +212,12 @@ class Llama(nn.Module):
     def forward(self, tokens_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
         h_BTD = self.hidden_states(tokens_BT, doc_ids_BT, **kw)
         return self.output(h_BTD).float()
+
+    def loss(self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None,
+             ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy (labels already shifted) without materialising all logits: equals
+        ``F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten())``, faster and leaner."""
+        h_BTD = self.hidden_states(tokens_BT, doc_ids_BT)
+        if type(self.output) is not nn.Linear or self.output.bias is not None:  # swapped head (e.g. TP): plain
+            return cross_entropy(self.output(h_BTD).flatten(0, 1), labels_BT.flatten(), ignore_index)
+        return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, labels_BT.flatten(), ignore_index)

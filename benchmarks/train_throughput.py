@@ -1,0 +1,146 @@
+"""Training throughput: lmforge Llama vs HF transformers LlamaForCausalLM, same shape, side by side.
+
+Both models: vocab 8192, d 384, 6 layers, 6 heads, FFN 1024, tied embeddings, batch 8 × 256 random tokens,
+AdamW (fused=False, foreach=True), loss = mean next-token cross-entropy over all B·T positions (HF via its
+own ``labels``/``shift_labels`` path, lmforge via ``Llama.loss``). fp32 and bf16 autocast, each library the
+same way. MFU is against a measured matmul peak of this CPU in the same dtype.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--warmup 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHAPE = dict(vocab=8192, d=384, layers=6, heads=6, ffn=1024, batch=8, seq=256)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1536, reps: int = 6) -> float:
+    """Best-of FLOP/s of an n×n×n matmul in ``dtype``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def build_lmforge():
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+
+    s = SHAPE
+    cfg = ModelConfig(vocab_size=s["vocab"], d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"],
+                      n_kv_heads=s["heads"], ffn_hidden=s["ffn"], max_seq_len=s["seq"], tie_embeddings=True)
+    model = build_model(cfg, seed=0)
+    return model, lambda x, y: model.loss(x, y)
+
+
+def build_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPE
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["heads"], max_position_embeddings=s["seq"], tie_word_embeddings=True,
+                      rms_norm_eps=1e-5, attention_dropout=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
+
+
+def time_training(builder, precision: str, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
+    """Returns (tokens/s from the median of ``steps`` timed optimizer steps after ``warmup``, final loss)."""
+    model, loss_fn = builder()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = SHAPE["batch"], SHAPE["seq"], SHAPE["vocab"]
+    batches = [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(4)]
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    loss = torch.zeros(())
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        b = batches[i % len(batches)]
+        x, y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
+        with ctx():
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]  # median step: robust to other jobs sharing the CPU
+    del model, opt
+    gc.collect()
+    return B * T / dt, float(loss.detach())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from lmforge.models import build_model  # noqa: F401  (fail early if lmforge is missing)
+
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  cpu {cpu_name()}  "
+          f"threads {args.threads}  torch {torch.__version__}  transformers {transformers.__version__}")
+    s = SHAPE
+    print(f"shape: vocab {s['vocab']} d {s['d']} layers {s['layers']} heads {s['heads']} ffn {s['ffn']} "
+          f"tied, batch {s['batch']}x{s['seq']}, AdamW; {args.warmup} warmup + {args.steps} timed steps")
+    lm, _ = build_lmforge()
+    flops_tok = lm.flops_per_token(s["seq"])
+    print(f"params {lm.num_params() / 1e6:.2f}M  flops/token {flops_tok / 1e6:.1f}M (6N + 12·L·H·Dh·T)")
+    del lm
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    rows = []
+    for prec in precisions:
+        peak = matmul_peak(torch.bfloat16 if prec == "bf16" else torch.float32)
+        res = {}
+        # alternate the order so neither library always runs on a warmer/cooler machine
+        for name, builder in (("hf", build_hf), ("lmforge", build_lmforge)):
+            res[name] = time_training(builder, prec, args.steps, args.warmup)
+        for name in ("hf", "lmforge"):
+            tps, loss = res[name]
+            mfu = tps * flops_tok / peak
+            rows.append((prec, name, tps, mfu, loss))
+            print(f"{prec:5s} {name:8s} {tps:9.0f} tok/s  MFU {mfu * 100:5.1f}% of {peak / 1e9:.0f} GFLOP/s "
+                  f"matmul peak  (final loss {loss:.3f})")
+        print(f"{prec:5s} ratio lmforge/hf = {res['lmforge'][0] / res['hf'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Losses that fuse the output projection with cross-entropy, chunk by chunk.
+
+``linear_cross_entropy(h_ND, weight_VD, labels_N)`` equals ``F.cross_entropy(F.linear(h, W).float(), labels)``
+but never holds the full [N, V] logits (nor their float copy, log-softmax and its gradient): each chunk of
+rows computes logits, the loss and the gradients for h and W right away in the forward, and the backward
+only scales them. Logits are accumulated in float32 whatever the matmul dtype.
+
+Legend: N rows (B·T), D hidden, V vocab, C rows per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, weight_VD, labels_N, ignore_index: int, chunk: int, compute_dtype):
+        N = h_ND.shape[0]
+        dtype = compute_dtype or h_ND.dtype
+        h = h_ND.to(dtype)
+        w = weight_VD.to(dtype)
+        valid_N = labels_N != ignore_index
+        n_valid = valid_N.sum().clamp(min=1)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=w.device) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk):
+            h_CD, y_C, ok_C = h[s:s + chunk], labels_N[s:s + chunk], valid_N[s:s + chunk]
+            logits_CV = (h_CD @ w.t()).float()
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            safe_y = torch.where(ok_C, y_C, torch.zeros_like(y_C))
+            tgt_C = logits_CV.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse_C - tgt_C) * ok_C).sum()
+            if needs_grad:
+                # d(loss)/d(logits) = (softmax - onehot) / n_valid, zero on ignored rows
+                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+                g_CV.scatter_add_(1, safe_y[:, None], torch.full_like(lse_C[:, None], -1.0))
+                g_CV.mul_((ok_C.float() / n_valid)[:, None])
+                g_CV = g_CV.to(dtype)
+                grad_h[s:s + chunk] = g_CV @ w
+                grad_w.add_(g_CV.t() @ h_CD)
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.in_dtypes = (h_ND.dtype, weight_VD.dtype)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out.to(grad_h.dtype)).to(ctx.in_dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_out).to(ctx.in_dtypes[1]) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` over rows whose label != ignore_index.
+
+    Under CPU/CUDA autocast the matmuls run in the autocast dtype (as ``nn.Linear`` would)."""
+    if h_ND.dim() != 2 or labels_N.dim() != 1 or h_ND.shape[0] != labels_N.shape[0]:
+        raise ValueError(f"linear_cross_entropy: expected h [N, D] and labels [N], got {tuple(h_ND.shape)} "
+                         f"and {tuple(labels_N.shape)}")
+    dev = h_ND.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if compute_dtype is None and h_ND.dtype != weight_VD.dtype:
+        compute_dtype = weight_VD.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h_ND, weight_VD, labels_N, ignore_index, chunk_size, compute_dtype)
+
+
+def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Reference path: float32 cross-entropy on materialised logits."""
+    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=ignore_index)
