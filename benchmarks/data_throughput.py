@@ -110,7 +110,9 @@ def run_measured(code: str, args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=100, help="corpus size in MB")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="HF num_proc")
+    ap.add_argument("--lm-workers", type=int, default=0,
+                    help="lmforge tokenizer processes (0: in-process, Rust threads on all cores)")
     ap.add_argument("--vocab", type=int, default=8192)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -129,12 +131,14 @@ def main() -> None:
                     yield json.loads(line)["text"]
 
         tok_path = train_tokenizer(sample(), args.vocab).save(tmp / "tok")
-        print(f"corpus {mb:.1f} MB JSONL, tokenizer vocab {args.vocab}, {args.workers} workers, {os.cpu_count()} CPUs")
+        print(f"corpus {mb:.1f} MB JSONL, tokenizer vocab {args.vocab}, lmforge workers {args.lm_workers}, "
+              f"HF num_proc {args.workers}, {os.cpu_count()} CPUs")
         results = {}
         for name, code in (("lmforge", LMFORGE), ("hf_datasets", HF)):
             out = tmp / name
             out.mkdir()
-            results[name] = r = run_measured(code, [str(corpus), str(tok_path), str(out), str(args.workers)])
+            workers = args.lm_workers if name == "lmforge" else args.workers
+            results[name] = r = run_measured(code, [str(corpus), str(tok_path), str(out), str(workers)])
             print(f"{name:12s} tokens {r['tokens']:>12,}  time {r['seconds']:7.1f}s  {mb / r['seconds']:6.2f} MB/s  "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MiB")
         a, b = results["lmforge"], results["hf_datasets"]
