@@ -176,7 +176,7 @@ def train(cfg: Config) -> dict:
                     counters["skipped"] += 1
                     overflow = scaler is not None
                     counters["bad_streak"] = counters["bad_streak"] + 1 if not overflow else 0
-                    log.message(f"step {step}: {'fp16 overflow' if overflow else 'non-finite loss/grad'}; "
+                    log.message(f"step {step + 1}: {'fp16 overflow' if overflow else 'non-finite loss/grad'}; "
                                 f"update skipped ({counters['skipped']} so far)")
                 if scaler:
                     stop_msg = scaler.update(found_inf=not finite)
@@ -230,7 +230,7 @@ def train(cfg: Config) -> dict:
                 if stop_reason != "max_steps" and stop_reason != "non_finite":
                     last_saved = save(step, metrics)
                     break
-                if cc.every_steps and step % cc.every_steps == 0 and step < tc.max_steps:
+                if cc.every_steps and step % cc.every_steps == 0 and step < tc.max_steps and not counters["bad_streak"]:
                     last_saved = save(step, metrics)
         step = counters["step"]
         if stop_reason == "max_steps":
