@@ -1,0 +1,1 @@
+"""Fine-tuning: task heads, parameter-efficient methods (LoRA, AdaLoRA, adapters, prefix), trainer, reports."""
