@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
