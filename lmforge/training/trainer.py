@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,9 @@ def train(cfg: Config) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if master:
                     master.zero_grad()
-                scheduler.step()
+                with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    scheduler.step()
                 counters["step"] = step = step + 1
                 counters["tokens"] += ntok
                 win_loss += loss_sum
