@@ -14,7 +14,8 @@ from lmforge.config import ConfigError
 def _cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.quickstart import run_quickstart
 
-    run_quickstart(run_dir=args.run_dir, minutes=args.minutes, overrides=extra, prompt=args.prompt)
+    run_quickstart(run_dir=args.run_dir, minutes=args.minutes, overrides=extra, prompt=args.prompt,
+                   corpus_mb=args.corpus_mb)
     return 0
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--run-dir", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     q.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
     q.add_argument("--prompt", default="def ", help="prompt for the sample at the end")
+    q.add_argument("--corpus-mb", type=float, default=None, help="use only this many MB of the stdlib (default: all)")
     q.set_defaults(func=_cmd_quickstart)
 
     t = sub.add_parser("train", help="train (or resume) a model from a YAML config plus --section.key=value overrides")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,10 +48,18 @@ def generate_from_run(run_dir: str, prompts: list[str], checkpoint: Optional[str
     """Generate a continuation for each prompt; returns the new text only (cut at the first stop string)."""
     from lmforge.models.generate import generate
 
-    model, tok, _, _ = load_run(run_dir, checkpoint)
+    model, tok, cfg, _ = load_run(run_dir, checkpoint)
     ids = [tok.encode(p) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ConfigError("generate: a prompt encodes to zero tokens; give at least one character")
+    room = cfg.model.max_seq_len - max(len(x) for x in ids)
+    if room <= 0:
+        raise ConfigError(f"generate: the prompt is {max(len(x) for x in ids)} tokens, the model's "
+                          f"model.max_seq_len is {cfg.model.max_seq_len}")
+    if max_new_tokens > room:
+        print(f"note: max_new_tokens {max_new_tokens} → {room} (model.max_seq_len={cfg.model.max_seq_len})",
+              file=sys.stderr)
+        max_new_tokens = room
     out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, eos_id=tok.eos_id, seed=seed)
     texts = [tok.decode(o) for o in out]

@@ -19,7 +19,7 @@ from lmforge.config import build_config
 QUICKSTART_VOCAB = 8192
 
 
-def _prepare_data(data_dir: Path, console: Console) -> Path:
+def _prepare_data(data_dir: Path, console: Console, corpus_mb: float | None = None) -> Path:
     from lmforge.data.corpus import python_stdlib_documents
     from lmforge.data.pack import pack_documents
     from lmforge.data.tokenizer import load_tokenizer, train_tokenizer
@@ -28,7 +28,7 @@ def _prepare_data(data_dir: Path, console: Console) -> Path:
         console.print(f"[dim]data: reusing {data_dir}[/dim]")
         return data_dir
     t0 = time.time()
-    docs = list(python_stdlib_documents())
+    docs = list(python_stdlib_documents(int(corpus_mb * 1e6) if corpus_mb else None))
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     console.print(f"corpus: {len(docs)} Python files from the standard library, {mb:.1f} MB")
     tok_path = data_dir.parent / "tokenizer.json"
@@ -56,7 +56,7 @@ def quickstart_config(run_dir: str, data_dir: str, minutes: float, overrides: li
         "data": {"path": data_dir, "seq_len": 256},
         "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"name": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
-        "training": {"max_steps": 100_000, "max_minutes": minutes, "micro_batch_size": 16, "grad_accum_steps": 1,
+        "training": {"max_steps": 1000, "max_minutes": minutes, "micro_batch_size": 16, "grad_accum_steps": 1,
                      "precision": "bf16", "eval_every": 0, "eval_batches": 20, "seed": 1337},
         "checkpoint": {"every_steps": 200, "keep_last": 2},
         "logging": {"log_every": 10},
@@ -66,15 +66,51 @@ def quickstart_config(run_dir: str, data_dir: str, minutes: float, overrides: li
     return build_config(tree, source="quickstart")
 
 
+def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int = 3) -> int:
+    """Time a few optimizer steps of the configured model on this machine and return how many fit in
+    ``minutes``, so the cosine schedule decays over the run actually trained (not a nominal horizon)."""
+    import torch
+
+    from lmforge.models import build_model
+    from lmforge.training.optim import build_optimizer
+    from lmforge.training.step import accumulate_gradients
+
+    mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
+    model = build_model(mcfg, seed=0)
+    opt = build_optimizer(model, cfg.optimizer)
+    B, T = cfg.training.micro_batch_size, cfg.data.seq_len
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, vocab_size, (B, T), generator=g),
+             "labels": torch.randint(0, vocab_size, (B, T), generator=g)}
+    times = []
+    for _ in range(probe_steps + 1):
+        t0 = time.perf_counter()
+        accumulate_gradients(model, [batch] * cfg.training.grad_accum_steps, torch.device("cpu"),
+                             precision=cfg.training.precision)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times[1:])[len(times[1:]) // 2]  # median, first step excluded (warm-up)
+    return max(20, int(minutes * 60 / step_s))
+
+
 def run_quickstart(run_dir: str = "runs/quickstart", minutes: float = 4.0, overrides: list[str] | None = None,
-                   prompt: str = "def ") -> dict:
+                   prompt: str = "def ", corpus_mb: float | None = None) -> dict:
     from lmforge.inference import generate_from_run
     from lmforge.training.trainer import train
 
     console = Console()
     run = Path(run_dir)
-    data_dir = _prepare_data(run.parent / f"{run.name}-data" / "packed", console)
+    data_dir = _prepare_data(run.parent / f"{run.name}-data" / "packed", console, corpus_mb)
     cfg = quickstart_config(str(run), str(data_dir), minutes, overrides)
+    if "--training.max_steps" not in " ".join(overrides or []):
+        from lmforge.data.pack import read_manifest
+
+        steps = calibrate_max_steps(cfg, minutes, read_manifest(data_dir)["vocab_size"])
+        # the wall-clock budget stays as a safety net a little past the calibrated length
+        cfg = quickstart_config(str(run), str(data_dir), minutes * 1.25,
+                                (overrides or []) + [f"--training.max_steps={steps}"])
+        console.print(f"calibrated: {steps} optimizer steps fit in ~{minutes:g} minutes on this machine")
     run.mkdir(parents=True, exist_ok=True)
     shutil.copy(data_dir / "tokenizer.json", run / "tokenizer.json")
     summary = train(cfg)
