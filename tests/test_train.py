@@ -96,6 +96,7 @@ def test_bitwise_resume_with_dropout(tmp_path, data_dir):
     s_part = train(part)
     assert s_part["stop_reason"] == "stop_at_step" and s_part["steps"] == 3
     assert ckpt.find_latest(tmp_path / "part").name == "step_0000003"
+    assert "stop_at_step: null" in (tmp_path / "part" / "config.yaml").read_text()  # per-invocation only
     resumed = tiny_cfg(tmp_path / "part", data_dir, model={"dropout": 0.1}, checkpoint={"resume": "auto"})
     s_res = train(resumed)
     assert s_res["resumed_from"].endswith("step_0000003") and s_res["steps"] == 6

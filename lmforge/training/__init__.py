@@ -1,0 +1,1 @@
+"""Training engine: ``train(cfg)`` (trainer), optimizers, schedules, checkpoints, metrics, precision, guards."""

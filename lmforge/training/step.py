@@ -49,7 +49,8 @@ def micro_loss_sum(model: nn.Module, batch: dict, device: torch.device) -> torch
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device: torch.device, *,
                          total_tokens: Optional[int] = None, precision: str = "fp32", loss_scale: float = 1.0,
-                         sync_ctx: Optional[Callable[[bool], contextlib.AbstractContextManager]] = None) -> torch.Tensor:
+                         sync_ctx: Optional[Callable[[bool], contextlib.AbstractContextManager]] = None
+                         ) -> torch.Tensor:
     """Backward over all micro-batches (grads accumulate into ``.grad``). Returns the summed token loss
     (device tensor, unscaled, no host sync). ``total_tokens`` defaults to this process's valid targets;
     ``sync_ctx(is_last)`` wraps each micro-step (DDP ``no_sync`` / FSDP gradient-sync control)."""

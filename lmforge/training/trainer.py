@@ -110,7 +110,9 @@ def train(cfg: Config) -> dict:
     early = EarlyStopper.from_config(tc)
     resumed_from = _maybe_resume(cfg, run_dir, model, optimizer, scheduler, loader, counters, early, scaler,
                                  master, device)
-    save_config(cfg, run_dir / "config.yaml")
+    saved = cfg.model_copy(deep=True)
+    saved.training.stop_at_step = None  # a per-invocation stop, not part of the run's definition
+    save_config(saved, run_dir / "config.yaml")
     log = MetricsLogger(run_dir, tc.max_steps, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                         resume_step=counters["step"])
     if resumed_from:
@@ -146,13 +148,16 @@ def train(cfg: Config) -> dict:
         return base_elapsed + time.time() - t_start
 
     stop_reason, last_saved, last_eval = "max_steps", None, {}
+    if tc.stop_at_step is not None and counters["step"] >= tc.stop_at_step:
+        stop_reason, last_saved = "stop_at_step", resumed_from
+        log.message(f"training.stop_at_step={tc.stop_at_step} already reached (at step {counters['step']})")
     win_loss = torch.zeros((), device=device)
     win_tok, win_t0 = 0, time.perf_counter()
     model.train()
     catcher = SignalCatcher()
     try:
         with catcher:
-            while counters["step"] < tc.max_steps:
+            while counters["step"] < tc.max_steps and stop_reason == "max_steps":
                 step = counters["step"]
                 micro = [loader.next_batch() for _ in range(tc.grad_accum_steps)]
                 ntok = count_valid_tokens(micro)
