@@ -1,7 +1,7 @@
 """Training throughput: lmforge Llama vs HF transformers LlamaForCausalLM, same shape, side by side.
 
 Both models: vocab 8192, d 384, 6 layers, 6 heads, FFN 1024, tied embeddings, batch 8 × 256 random tokens,
-AdamW (fused=False, foreach=True), loss = mean next-token cross-entropy over all B·T positions (HF via its
+AdamW (fused=True), loss = mean next-token cross-entropy over all B·T positions (HF via its
 own ``labels``/``shift_labels`` path, lmforge via ``Llama.loss``). fp32 and bf16 autocast, each library the
 same way. MFU is against a measured matmul peak of this CPU in the same dtype.
 
@@ -75,32 +75,46 @@ def build_hf():
     return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
 
 
-def time_training(builder, precision: str, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
-    """Returns (tokens/s from the median of ``steps`` timed optimizer steps after ``warmup``, final loss)."""
-    model, loss_fn = builder()
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
-    g = torch.Generator().manual_seed(seed)
-    B, T, V = SHAPE["batch"], SHAPE["seq"], SHAPE["vocab"]
-    batches = [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(4)]
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    loss = torch.zeros(())
-    times = []
-    for i in range(warmup + steps):
+class Runner:
+    """One model + AdamW + a fixed set of random batches; ``step()`` returns its wall time."""
+
+    def __init__(self, builder, precision: str, seed: int = 0):
+        self.model, self.loss_fn = builder()
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+        g = torch.Generator().manual_seed(seed)
+        B, T, V = SHAPE["batch"], SHAPE["seq"], SHAPE["vocab"]
+        self.batches = [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(4)]
+        self.ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
+            else contextlib.nullcontext
+        self.i, self.times, self.loss = 0, [], float("nan")
+
+    def step(self, record: bool) -> None:
         t0 = time.perf_counter()
-        b = batches[i % len(batches)]
+        b = self.batches[self.i % len(self.batches)]
         x, y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
-        with ctx():
-            loss = loss_fn(x, y)
+        with self.ctx():
+            loss = self.loss_fn(x, y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]  # median step: robust to other jobs sharing the CPU
-    del model, opt
-    gc.collect()
-    return B * T / dt, float(loss.detach())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.i += 1
+        if record:
+            self.times.append(time.perf_counter() - t0)
+            self.loss = float(loss.detach())
+
+    def tokens_per_s(self) -> float:
+        dt = sorted(self.times)[len(self.times) // 2]  # median step: robust to other jobs on the CPU
+        return SHAPE["batch"] * SHAPE["seq"] / dt
+
+
+def compare(precision: str, steps: int, warmup: int) -> dict[str, Runner]:
+    """Steps the two libraries alternately, so load from other processes hits both alike."""
+    runners = {"hf": Runner(build_hf, precision), "lmforge": Runner(build_lmforge, precision)}
+    for i in range(warmup + steps):
+        for r in runners.values():
+            r.step(record=i >= warmup)
+    return runners
 
 
 def main() -> None:
@@ -126,17 +140,15 @@ def main() -> None:
     print(f"params {lm.num_params() / 1e6:.2f}M  flops/token {flops_tok / 1e6:.1f}M (6N + 12·L·H·Dh·T)")
     del lm
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
-    rows = []
     for prec in precisions:
         peak = matmul_peak(torch.bfloat16 if prec == "bf16" else torch.float32)
-        res = {}
-        # alternate the order so neither library always runs on a warmer/cooler machine
-        for name, builder in (("hf", build_hf), ("lmforge", build_lmforge)):
-            res[name] = time_training(builder, prec, args.steps, args.warmup)
+        runners = compare(prec, args.steps, args.warmup)
+        res = {name: (r.tokens_per_s(), r.loss) for name, r in runners.items()}
+        del runners
+        gc.collect()
         for name in ("hf", "lmforge"):
             tps, loss = res[name]
             mfu = tps * flops_tok / peak
-            rows.append((prec, name, tps, mfu, loss))
             print(f"{prec:5s} {name:8s} {tps:9.0f} tok/s  MFU {mfu * 100:5.1f}% of {peak / 1e9:.0f} GFLOP/s "
                   f"matmul peak  (final loss {loss:.3f})")
         print(f"{prec:5s} ratio lmforge/hf = {res['lmforge'][0] / res['hf'][0]:.2f}x")

@@ -19,6 +19,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.models.common import (KVCache, attention, doc_causal_mask, ffn_hidden_default, fill_const_,
                                    fill_normal_, init_generator, linear_weights)
+from lmforge.models.kernels import rms_norm, rope
 from lmforge.models.losses import cross_entropy, linear_cross_entropy
 
 
@@ -28,14 +29,6 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
     angles_TF = torch.arange(max_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
     cos, sin = angles_TF.cos(), angles_TF.sin()
     return torch.cat([cos, cos], -1).float(), torch.cat([-sin, sin], -1).float()
-
-
-def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """HF "rotate half" RoPE, x·cos + [-x2, x1]·sin, written as x·cos + [x2, x1]·sin_signed.
-    cos/sin broadcast as [T, 1, Dh] or [B, T, 1, Dh]."""
-    half = x_BTHD.shape[-1] // 2
-    swapped = torch.cat([x_BTHD[..., half:], x_BTHD[..., :half]], dim=-1)
-    return x_BTHD * cos + swapped * sin_signed
 
 
 class Attention(nn.Module):
@@ -57,9 +50,8 @@ class Attention(nn.Module):
         q_BTHD = self.wq(x_BTD).view(B, T, -1, self.head_dim)
         k_BTKD = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v_BTKD = self.wv(x_BTD).view(B, T, -1, self.head_dim)
-        cos, sin = cos.to(q_BTHD.dtype), sin.to(q_BTHD.dtype)
-        q_BHTD = apply_rope(q_BTHD, cos, sin).transpose(1, 2)
-        k_BKTD = apply_rope(k_BTKD, cos, sin).transpose(1, 2)
+        q_BHTD = rope(q_BTHD, cos, sin).transpose(1, 2)
+        k_BKTD = rope(k_BTKD, cos, sin).transpose(1, 2)
         v_BKTD = v_BTKD.transpose(1, 2)
         causal = True
         if cache is not None:
@@ -87,11 +79,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # cast once here, not once per consuming Linear
-            out = out.to(torch.get_autocast_dtype(dev))
-        return out
+        # under autocast, cast once here rather than once per consuming Linear
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 class TransformerBlock(nn.Module):

@@ -30,15 +30,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             h_CD, y_C, ok_C = h[s:s + chunk], labels_N[s:s + chunk], valid_N[s:s + chunk]
             logits_CV = (h_CD @ w.t()).float()
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
             safe_y = torch.where(ok_C, y_C, torch.zeros_like(y_C))
             tgt_C = logits_CV.gather(1, safe_y[:, None]).squeeze(1)
+            max_C1 = logits_CV.amax(-1, keepdim=True)
+            exp_CV = logits_CV.sub_(max_C1).exp_()  # in place: logits are not needed any more
+            sum_C = exp_CV.sum(-1)
+            lse_C = max_C1.squeeze(1) + sum_C.log()
             total += ((lse_C - tgt_C) * ok_C).sum()
             if needs_grad:
                 # d(loss)/d(logits) = (softmax - onehot) / n_valid, zero on ignored rows
-                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()
-                g_CV.scatter_add_(1, safe_y[:, None], torch.full_like(lse_C[:, None], -1.0))
-                g_CV.mul_((ok_C.float() / n_valid)[:, None])
+                scale_C = ok_C.float() / n_valid
+                g_CV = exp_CV.mul_((scale_C / sum_C)[:, None])
+                g_CV.scatter_add_(1, safe_y[:, None], -scale_C[:, None])
                 g_CV = g_CV.to(dtype)
                 grad_h[s:s + chunk] = g_CV @ w
                 grad_w.add_(g_CV.t() @ h_CD)
@@ -56,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = 1024) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_size: int = 512) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``labels`` over rows whose label != ignore_index.
 
     Under CPU/CUDA autocast the matmuls run in the autocast dtype (as ``nn.Linear`` would)."""

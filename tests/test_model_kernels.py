@@ -1,0 +1,86 @@
+"""Hand-written autograd (RoPE, RMSNorm) and the fused linear cross-entropy against plain PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+from lmforge.models.kernels import rms_norm, rope
+from lmforge.models.llama import rope_tables
+from lmforge.models.losses import linear_cross_entropy
+
+torch.set_num_threads(1)
+
+
+def rotate_half_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def test_rope_matches_rotate_half_and_gradcheck():
+    cos, sin_signed = rope_tables(8, 10, 10000.0)
+    sin = torch.cat([-sin_signed[:, :4], sin_signed[:, 4:]], -1)  # undo the sign folding: plain sin
+    x = torch.randn(2, 10, 3, 8, dtype=torch.float64, requires_grad=True)
+    c, s, ss = cos[:, None].double(), sin[:, None].double(), sin_signed[:, None].double()
+    torch.testing.assert_close(rope(x, c, ss), rotate_half_reference(x, c, s))
+    assert torch.autograd.gradcheck(lambda t: rope(t, c, ss), (x,))
+    # position 0 is the identity, and the rotation preserves norms
+    torch.testing.assert_close(rope(x, c, ss)[:, 0], x[:, 0])
+    torch.testing.assert_close(rope(x, c, ss).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rms_norm_matches_functional_and_gradcheck():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x, w))
+    assert rms_norm(x.float(), w.float(), 1e-5, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_linear_cross_entropy_equals_reference(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(100, 16, requires_grad=True)
+    w = torch.randn(37, 16, requires_grad=True)
+    y = torch.randint(0, 37, (100,))
+    y[::5] = -100
+    loss = linear_cross_entropy(h, w, y, chunk_size=chunk)
+    (loss * 3).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), y)
+    (ref * 3).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_linear_cross_entropy_bf16_autocast_close():
+    torch.manual_seed(1)
+    h, w = torch.randn(64, 32), torch.randn(50, 32) * 0.3
+    y = torch.randint(0, 50, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, y)
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="expected h"):
+        linear_cross_entropy(h[None], w, y)
+
+
+def test_model_loss_equals_logits_cross_entropy():
+    cfg = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=32)
+    for tie in (True, False):
+        m = build_model(cfg.model_copy(update={"tie_embeddings": tie}), seed=3)
+        x, y = torch.randint(0, 53, (2, 12)), torch.randint(0, 53, (2, 12))
+        y[0, :3] = -100
+        loss = m.loss(x, y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad()
+        ref = F.cross_entropy(m(x).flatten(0, 1), y.flatten())
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
