@@ -34,7 +34,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """Architecture. ``preset`` fills in defaults; explicitly given keys win over the preset."""
 
-    arch: Literal["llama"] = "llama"
+    arch: Literal["llama", "gpt2", "bert"] = Field(
+        "llama", description="llama: RoPE/RMSNorm/SwiGLU decoder; gpt2: learned positions, pre-LayerNorm, GELU "
+        "decoder; bert: post-LayerNorm encoder with token types (MLM)")
     preset: Optional[str] = None
     vocab_size: Optional[int] = Field(None, ge=2, description="None: taken from the data's tokenizer")
     d_model: int = Field(256, ge=8)
@@ -48,6 +50,9 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
+    type_vocab_size: int = Field(2, ge=1, description="bert only: token-type (segment) vocabulary")
+    activation: Optional[Literal["gelu", "gelu_tanh", "relu"]] = Field(
+        None, description="gpt2/bert MLP activation; None: gelu_tanh for gpt2, gelu for bert (llama: SwiGLU)")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -56,7 +61,7 @@ class ModelConfig(Section):
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={kv}")
-        if (self.d_model // self.n_heads) % 2:
+        if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} must be even for RoPE"
             )
