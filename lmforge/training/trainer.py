@@ -236,6 +236,8 @@ def train(cfg: Config) -> dict:
                 if catcher.caught and stop_reason == "max_steps":
                     stop_reason = f"signal_{catcher.caught}"
                 if stop_reason != "max_steps" and stop_reason != "non_finite":
+                    if stop_reason == "time_budget" and not metrics:  # a finished run reports val loss
+                        metrics = last_eval = run_eval(step)
                     last_saved = save(step, metrics)
                     break
                 if cc.every_steps and step % cc.every_steps == 0 and step < tc.max_steps and not counters["bad_streak"]:
