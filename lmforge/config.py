@@ -178,6 +178,9 @@ class DistributedConfig(Section):
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(600.0, gt=0, description="collective timeout; a dead rank fails the job after this")
+    engine: Literal["native", "deepspeed"] = Field(
+        "native", description="deepspeed: run the same model/data/loss through deepspeed.initialize "
+        "(pip install 'lmforge[deepspeed]'); ZeRO stage from strategy")
 
     @model_validator(mode="after")
     def _dims(self) -> "DistributedConfig":
