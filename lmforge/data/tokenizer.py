@@ -151,6 +151,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         hf = _HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+    hf.no_padding()  # HF folders may ship fixed-length padding/truncation (e.g. sentence-transformers);
+    hf.no_truncation()  # encode() must return exactly the text's tokens
     eos, pad = _special_from_hf_config(folder) if path.is_dir() else (None, None)
     if eos is not None and hf.token_to_id(eos) is None:
         eos = None
