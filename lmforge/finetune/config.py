@@ -24,7 +24,7 @@ class BaseModelConfig(Section):
                       "(config.json + weights + tokenizer)")
     tokenizer: Optional[str] = Field(None, description="tokenizer file/folder (default: found next to the base)")
     pooling: Literal["auto", "last", "cls", "mean"] = Field("auto", description="classification pooling; auto: "
-                                                            "last real token for decoders, [CLS] for encoders")
+                                                            "last real token for decoders, mean over real tokens for encoders")
 
 
 class FTDataConfig(Section):

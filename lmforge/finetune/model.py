@@ -101,7 +101,7 @@ class TaskModel(nn.Module):
                  dropout: float = 0.1):
         super().__init__()
         self.backbone, self.task = backbone, task
-        self.pooling = pooling if pooling != "auto" else ("last" if backbone.kind == "decoder" else "cls")
+        self.pooling = pooling if pooling != "auto" else ("last" if backbone.kind == "decoder" else "mean")
         if self.pooling == "cls" and backbone.kind == "decoder":
             raise ConfigError("base.pooling=cls needs an encoder; a decoder's first token sees nothing else "
                               "(use last or mean)")

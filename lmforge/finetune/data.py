@@ -1,0 +1,199 @@
+"""Task data for fine-tuning: read, split, encode (with the base's special tokens), batch.
+
+Readers come from ``lmforge.data.tasks`` / ``tasks_conll``; this module adds the splits, the encoder/decoder
+special tokens ([CLS] ... [SEP] for BERT-style bases, a final EOS for lmforge decoders) and batching.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from lmforge.config import ConfigError
+from lmforge.data.tasks import IGNORE, encode_chat, pad_collate, read_chat_jsonl, read_classification
+from lmforge.data.tasks_conll import align_labels, build_label_map, detect_scheme, iob1_to_iob2, read_conll
+
+
+@dataclass
+class TaskData:
+    train: list[dict]
+    val: list[dict]
+    test: Optional[list[dict]]
+    label_names: list[str] = field(default_factory=list)
+    scheme: Optional[str] = None  # token-classification: scheme of the files (scored as IOB2 after conversion)
+    class_weights: Optional[torch.Tensor] = None
+
+
+def specials(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a sequence: the tokenizer's own post-processor ([CLS]/[SEP]) or a final EOS."""
+    hf = getattr(tokenizer, "hf", tokenizer)
+    around = hf.encode("", add_special_tokens=True).ids
+    if around:
+        return around[:1], around[1:]
+    if tokenizer.eos_id is None:
+        raise ConfigError("the tokenizer has neither special-token templates nor an EOS token to mark the end")
+    return [], [tokenizer.eos_id]
+
+
+def _check_file(path: Optional[str], key: str) -> None:
+    from pathlib import Path
+
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{key}: file not found: {path}")
+
+
+# ----------------------------------------------------------------------------- per-task encoders
+
+
+def _sample(n: int, k: Optional[int], seed: int) -> Optional[list[int]]:
+    """Sorted seeded subset of range(n) of size k (None: keep all)."""
+    return sorted(random.Random(seed).sample(range(n), k)) if k and n > k else None
+
+
+def encode_classification_file(path: str, tokenizer, max_len: int, label_names: Optional[list[str]],
+                               text_field=None, label_field=None, max_examples: Optional[int] = None,
+                               seed: int = 0) -> tuple[list[dict], list[str], list[str]]:
+    """→ (examples, label names, raw texts); ``max_examples``: a seeded subset, drawn before tokenizing."""
+    d = read_classification(path, text_field, label_field, label_names)
+    keep = _sample(len(d.texts), max_examples, seed)
+    if keep is not None:
+        d.texts, d.labels = [d.texts[i] for i in keep], [d.labels[i] for i in keep]
+    pre, post = specials(tokenizer)
+    room = max_len - len(pre) - len(post)
+    ex = [{"input_ids": pre + ids[:room] + post, "label": y} for ids, y in zip(tokenizer.encode_batch(d.texts), d.labels)]
+    return ex, d.label_names, d.texts
+
+
+def encode_conll_file(path: str, tokenizer, max_len: int, label2id: Optional[dict[str, int]],
+                      max_examples: Optional[int] = None, seed: int = 0) -> tuple[list[dict], dict, str]:
+    """→ (examples with word_ids and gold IOB2 word tags, label map, scheme of the file)."""
+    sents = read_conll(path)
+    if not sents:
+        raise ConfigError(f"{path}: no sentences found")
+    scheme = detect_scheme(sents)  # on the whole file: a subset may hold no IOB1-revealing entity
+    keep = _sample(len(sents), max_examples, seed)
+    if keep is not None:
+        sents = [sents[i] for i in keep]
+    tags = [iob1_to_iob2(s.tags) if scheme == "iob1" else s.tags for s in sents]
+    if label2id is None:
+        from lmforge.data.tasks_conll import Sentence
+
+        label2id = build_label_map([Sentence(s.words, t) for s, t in zip(sents, tags)])
+    unknown = sorted({t for ts in tags for t in ts} - set(label2id))
+    if unknown:
+        raise ConfigError(f"{path}: tags {unknown} do not occur in the training data (labels: {list(label2id)})")
+    pre, post = specials(tokenizer)
+    room = max_len - len(pre) - len(post)
+    out = []
+    for s, t in zip(sents, tags):
+        a = align_labels(tokenizer, s.words, t, label2id, max_len=room)
+        out.append({"input_ids": pre + a["input_ids"] + post,
+                    "labels": [IGNORE] * len(pre) + a["labels"] + [IGNORE] * len(post),
+                    "word_ids": [-1] * len(pre) + a["word_ids"] + [-1] * len(post), "tags": t})
+    return out, label2id, scheme
+
+
+def encode_sft_file(path: str, tokenizer, max_len: int) -> list[dict]:
+    return [encode_chat(tokenizer, conv, max_len) for conv in read_chat_jsonl(path)]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _split(examples: list, frac: float, seed: int) -> tuple[list, list]:
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, int(round(frac * len(idx))))
+    if n_val >= len(idx):
+        raise ConfigError(f"data.val_fraction={frac} leaves no training examples out of {len(idx)}")
+    val = set(idx[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def load_task_data(cfg, tokenizer) -> TaskData:
+    """Train/validation/test examples for ``cfg`` (a FinetuneConfig)."""
+    d = cfg.data
+    for key in ("train", "validation", "test"):
+        _check_file(getattr(d, key), f"data.{key}")
+    cap = (lambda ex: ex[: d.max_eval_examples]) if d.max_eval_examples else (lambda ex: ex)
+    sub = {"max_examples": d.max_train_examples, "seed": d.seed}
+
+    def subset(ex: list) -> list:
+        keep = _sample(len(ex), d.max_train_examples, d.seed)
+        return ex if keep is None else [ex[i] for i in keep]
+
+    if cfg.task == "classification":
+        kw = {"text_field": d.text_field, "label_field": d.label_field}
+        train, names, _ = encode_classification_file(d.train, tokenizer, d.max_len, None, **kw, **sub)
+        if d.validation:
+            val = encode_classification_file(d.validation, tokenizer, d.max_len, names, **kw)[0]
+        else:
+            train, val = _split(train, d.val_fraction, d.seed)
+        test = encode_classification_file(d.test, tokenizer, d.max_len, names, **kw)[0] if d.test else None
+        labels = [e["label"] for e in train]
+        if d.oversample:
+            from lmforge.data.augment import oversample
+
+            train, _ = oversample(train, labels, d.seed)
+        cw = None
+        if d.class_weights:
+            from lmforge.data.augment import class_weights
+
+            cw = class_weights(labels, len(names))
+        return TaskData(train, cap(val), cap(test) if test else None, names, None, cw)
+    if cfg.task == "token-classification":
+        if d.oversample:
+            raise ConfigError("data.oversample is for classification (sentences hold many labels); use "
+                              "data.class_weights for token-classification")
+        train, label2id, scheme = encode_conll_file(d.train, tokenizer, d.max_len, None, **sub)
+        if d.scheme != "auto" and d.scheme != scheme:
+            raise ConfigError(f"data.scheme={d.scheme} but {d.train} looks like {scheme}")
+        if d.validation:
+            val = encode_conll_file(d.validation, tokenizer, d.max_len, label2id)[0]
+        else:
+            train, val = _split(train, d.val_fraction, d.seed)
+        test = encode_conll_file(d.test, tokenizer, d.max_len, label2id)[0] if d.test else None
+        cw = None
+        if d.class_weights:
+            from lmforge.data.augment import class_weights
+
+            cw = class_weights([y for e in train for y in e["labels"] if y != IGNORE], len(label2id))
+        return TaskData(train, cap(val), cap(test) if test else None, list(label2id), scheme, cw)
+    train = subset(encode_sft_file(d.train, tokenizer, d.max_len))
+    if d.validation:
+        val = encode_sft_file(d.validation, tokenizer, d.max_len)
+    else:
+        train, val = _split(train, d.val_fraction, d.seed)
+    test = encode_sft_file(d.test, tokenizer, d.max_len) if d.test else None
+    return TaskData(train, cap(val), cap(test) if test else None)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def train_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, epoch: int) -> Iterator[dict]:
+    """One epoch in a seeded order (a pure function of seed and epoch)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[tuple[list[dict], dict]]:
+    """Length-sorted batches (less padding); yields (examples, batch)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for i in range(0, len(order), batch_size):
+        chunk = [examples[j] for j in order[i:i + batch_size]]
+        yield chunk, collate(chunk, pad_id)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    return pad_collate([{k: e[k] for k in ("input_ids", "labels", "label") if k in e} for e in examples], pad_id)
