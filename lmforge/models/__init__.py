@@ -20,6 +20,10 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: Opti
     arch = cfg.arch
     if arch == "llama":
         from lmforge.models.llama import Llama as cls
+    elif arch == "gpt2":
+        from lmforge.models.gpt2 import GPT2 as cls
+    elif arch == "bert":
+        from lmforge.models.bert import Bert as cls
     else:
         raise ConfigError(f"invalid value for 'model.arch': {arch!r} (no model registered for it)")
     device = torch.device(device)
