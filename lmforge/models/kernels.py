@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -68,4 +69,7 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None):
     """RMSNorm over the last dim in float32; returns ``out_dtype`` (default: x's dtype)."""
-    return _RMSNorm.apply(x, weight, eps, out_dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps, out_dtype)
+    out = F.rms_norm(_acc(x), (x.shape[-1],), _acc(weight), eps)  # inference: no autograd.Function overhead
+    return out.to(out_dtype or x.dtype)
