@@ -125,8 +125,6 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
                             cfg.train.precision)
     rep["data"] = str(data_file)
     write_report(rep, run / "reports", name, title=f"{name}: {Path(data_file).name}")
-    if show and "averages" in rep:
+    if show:
         print_report(rep, title=f"{name}: {Path(data_file).name}")
-    elif show:
-        print(f"{name}: val_loss {rep['val_loss']:.4f}  perplexity {rep['perplexity']:.2f}  ({rep['tokens']} tokens)")
     return rep

@@ -156,7 +156,16 @@ def _rows(report: dict) -> list[tuple[str, dict]]:
     return list(report["per_class"].items()) + [(f"{k} avg", v) for k, v in report["averages"].items()]
 
 
+def _scalars(report: dict) -> list[tuple[str, str]]:
+    """Reports without per-label scores (sft): their scalar metrics."""
+    return [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 def to_markdown(report: dict, title: str = "Evaluation") -> str:
+    if "per_class" not in report:
+        return "\n".join([f"## {title}", "", "| metric | value |", "|---|---:|"]
+                         + [f"| {k} | {v} |" for k, v in _scalars(report)]) + "\n"
     acc_name = "token accuracy" if report["task"] == "token-classification" else "accuracy"
     lines = [f"## {title}", "", f"{report['n']} examples; {acc_name} {report['accuracy']:.4f}", "",
              "| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
@@ -174,6 +183,9 @@ def to_markdown(report: dict, title: str = "Evaluation") -> str:
 def to_html(report: dict, title: str = "Evaluation") -> str:
     """An HTML fragment (a heading and a table), no page boilerplate."""
     e = html.escape
+    if "per_class" not in report:
+        rows = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in _scalars(report))
+        return f"<section class=\"lmforge-report\"><h3>{e(title)}</h3><table><tbody>{rows}</tbody></table></section>\n"
     cells = "".join(f"<tr><td>{e(n)}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
                     f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>" for n, m in _rows(report))
     return (f"<section class=\"lmforge-report\"><h3>{e(title)}</h3><p>{report['n']} examples; accuracy "
@@ -186,6 +198,14 @@ def print_report(report: dict, title: str = "Evaluation", console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "per_class" not in report:
+        t = Table(title=title)
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in _scalars(report):
+            t.add_row(k, v)
+        (console or Console()).print(t)
+        return
     t = Table(title=f"{title} ({report['n']} examples, accuracy {report['accuracy']:.4f})")
     for col in ("label", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "label" else "right")

@@ -167,8 +167,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                 cfg.train.precision)
         summary[split] = flat_metrics(rep)
         write_report(rep, run_dir / "reports", split, title=f"{split} ({cfg.task}, {cfg.method.name})")
-        if "averages" in rep:
-            print_report(rep, title=f"{split} ({cfg.task}, {cfg.method.name})")
+        print_report(rep, title=f"{split} ({cfg.task}, {cfg.method.name})")
     if cfg.method.name in ("lora", "adalora"):
         merged = merge(applied)
         save_model(merged, run_dir / "merged" / "model.safetensors", {"task": cfg.task, "from": "best"})

@@ -1,0 +1,172 @@
+"""Fine-tuning on a tiny lmforge Llama run built in the test (no shared data needed): SFT masking, trainer,
+evaluate CLI, splits, layer-wise LR decay, config errors."""
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from lmforge.config import Config, ConfigError, DataConfig, ModelConfig, save_config
+from lmforge.finetune.cli import add_finetune_commands
+from lmforge.finetune.config import load_finetune_config
+from lmforge.finetune.data import load_task_data
+from lmforge.finetune.model import LlamaBackbone, TaskModel, load_base
+from lmforge.finetune.trainer import apply_layer_lr_decay, finetune
+
+torch.set_num_threads(1)
+WORDS = ["the", "movie", "plot", "actor", "scene", "story", "film", "music", "ending", "cast"]
+
+
+def _sentence(rng, label):
+    words = rng.choices(WORDS, k=rng.randint(3, 8))
+    words.insert(rng.randrange(len(words) + 1), "great" if label else "awful")
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """An lmforge run folder: config.yaml, tokenizer.json, one complete checkpoint of a random tiny Llama."""
+    from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.models import build_model
+    from lmforge.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("base")
+    rng = random.Random(0)
+    texts = [_sentence(rng, rng.random() < 0.5) for _ in range(300)] + ["add 1 2 = 3", "<|user|>\n<|assistant|>\n"] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.save(root / "tokenizer.json")
+    mc = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=96)
+    save_config(Config(run_dir=str(root), model=mc, data=DataConfig(path=None)), root / "config.yaml")
+    save_checkpoint(root, 1, build_model(mc, seed=0), state={})
+    return root
+
+
+@pytest.fixture(scope="module")
+def cls_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    rng = random.Random(1)
+    for name, n in (("train.tsv", 240), ("dev.tsv", 80)):
+        rows = ["sentence\tlabel"]
+        for _ in range(n):
+            y = int(rng.random() < 0.5)
+            rows.append(f"{_sentence(rng, y)}\t{y}")
+        (d / name).write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _cfg(run, tmp_path, train, **over):
+    ov = [f"--base.path={run}", f"--data.train={train}", f"--run_dir={tmp_path / 'ft'}", "--train.batch_size=16",
+          "--data.max_len=32", "--train.eval_batch_size=32"] + [f"--{k}={v}" for k, v in over.items()]
+    return load_finetune_config(None, ov)
+
+
+def test_sft_masks_prompt_tokens(tiny_run):
+    """Positions whose next token is prompt/system text get exactly zero loss gradient."""
+    from lmforge.data.tasks import encode_chat, pad_collate
+
+    backbone, tok, _ = load_base(tiny_run)
+    model = TaskModel(backbone, "sft")
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add 1 2"},
+            {"role": "assistant", "content": "3"}]
+    ex = encode_chat(tok, conv, 64)
+    batch = pad_collate([ex, encode_chat(tok, conv[1:], 64)], tok.pad_id)
+    logits = model(batch["input_ids"], batch["attention_mask"]).detach().requires_grad_(True)
+    model.forward = lambda ids, mask: logits  # score the fixed logits through the real loss
+    loss, _ = model.loss(batch)
+    loss.backward()
+    target = batch["labels"][:, 1:]
+    g = logits.grad[:, :-1].abs().sum(-1)
+    assert (target == -100).any() and (target != -100).any()
+    assert torch.all(g[target == -100] == 0)
+    assert torch.all(g[target != -100] > 0)
+    assert torch.all(logits.grad[:, -1] == 0)
+
+
+def test_classification_trainer_and_evaluate_cli(tiny_run, cls_files, tmp_path, capsys):
+    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
+        "data.validation": cls_files / "dev.tsv", "method.name": "adapter", "method.adapter_size": 16, "base.pooling": "mean",
+        "train.epochs": 8, "optimizer.lr": 3e-3, "train.early_stop_patience": 3})
+    s = finetune(cfg)
+    run = tmp_path / "ft"
+    assert s["validation"]["val_accuracy"] >= s["majority_baseline_accuracy"] + 0.15, s
+    assert s["params"]["trainable"] < s["params"]["total"] / 2
+    for f in ("finetune.yaml", "metrics.jsonl", "summary.json", "best/adapter.safetensors",
+              "reports/validation.json", "reports/validation.md", "reports/validation_confusion.png"):
+        assert (run / f).is_file(), f
+    # lmforge evaluate reloads base + adapter and reproduces the validation numbers
+    p = argparse.ArgumentParser()
+    add_finetune_commands(p.add_subparsers())
+    args = p.parse_args(["evaluate", "--run", str(run), "--data", str(cls_files / "dev.tsv"), "--name", "dev"])
+    assert args.func(args, []) == 0
+    rep = json.loads((run / "reports" / "dev.json").read_text())
+    assert rep["accuracy"] == pytest.approx(s["validation"]["val_accuracy"])
+    assert "macro avg" in capsys.readouterr().out
+
+
+def test_sft_trainer_learns(tiny_run, tmp_path):
+    rng = random.Random(2)
+    lines = []
+    for _ in range(120):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        lines.append(json.dumps({"prompt": f"add {a} {b}", "response": f"{a + b}"}))
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tiny_run, tmp_path, tmp_path / "chat.jsonl", task="sft", **{
+        "method.name": "full", "train.epochs": 4, "optimizer.lr": 1e-2,
+        "train.eval_every": 5})
+    s = finetune(cfg)
+    evals = [r["val_loss"] for r in map(json.loads, (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert s["metric"] == "val_loss" and s["best_value"] == min(evals)
+    assert min(evals) < evals[0] - 0.2, evals
+    assert "perplexity" in (tmp_path / "ft" / "reports" / "validation.md").read_text()
+
+
+def test_validation_split_is_seeded_and_disjoint(tiny_run, cls_files, tmp_path):
+    _, tok, _ = load_base(tiny_run)
+    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.val_fraction": 0.25})
+    a, b = load_task_data(cfg, tok), load_task_data(cfg, tok)
+    assert len(a.val) == 60 and len(a.train) == 180
+    assert [e["input_ids"] for e in a.val] == [e["input_ids"] for e in b.val]
+    c = load_task_data(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.seed": 7}), tok)
+    assert [e["input_ids"] for e in c.val] != [e["input_ids"] for e in a.val][: len(c.val)]
+    w = load_task_data(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.class_weights": True,
+                                                                             "data.oversample": True}), tok)
+    counts = [sum(e["label"] == k for e in w.train) for k in (0, 1)]
+    assert counts[0] == counts[1] and w.class_weights.shape == (2,)
+
+
+def test_layer_lr_decay_scales_by_depth(tiny_run):
+    from lmforge.config import OptimizerConfig
+    from lmforge.training.optim import build_optimizer
+
+    backbone, _, _ = load_base(tiny_run)
+    model = TaskModel(backbone, "classification", 2)
+    opt = build_optimizer(model, OptimizerConfig(lr=1.0))
+    n_before = sum(len(g["params"]) for g in opt.param_groups)
+    apply_layer_lr_decay(opt, model, 0.5)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_before
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            want = 0.5 ** 3 if "tok_embeddings" in n else 0.5 ** 2 if ".layers.0." in n else \
+                0.5 if ".layers.1." in n else 1.0
+            assert g["lr"] == pytest.approx(want), n
+
+
+def test_config_and_base_errors(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'method.lora_r'"):
+        load_finetune_config(None, ["--base.path=x", "--data.train=y", "--method.lora_rank=4"])
+    with pytest.raises(ConfigError, match="base.path: .* does not exist"):
+        load_base(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="train.metric"):
+        load_finetune_config(None, ["--base.path=x", "--data.train=y", "--task=sft",
+                                    "--train.metric=accuracy"]).selection_metric()
+    cfg = _cfg(tiny_run, tmp_path, tmp_path / "missing.tsv")
+    with pytest.raises(ConfigError, match="data.train: file not found"):
+        finetune(cfg)
+    backbone, _, _ = load_base(tiny_run)
+    with pytest.raises(ConfigError, match="pooling=cls needs an encoder"):
+        TaskModel(LlamaBackbone(backbone.model), "classification", 2, pooling="cls")
