@@ -20,7 +20,7 @@ from lmforge.config import ModelConfig
 from lmforge.models.common import (KVCache, attention, doc_causal_mask, ffn_hidden_default, fill_const_,
                                    fill_normal_, init_generator, linear_weights)
 from lmforge.models.kernels import rms_norm, rope
-from lmforge.models.losses import cross_entropy, linear_cross_entropy
+from lmforge.models.losses import cross_entropy, fused_head_ok, linear_cross_entropy
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +205,11 @@ class Llama(nn.Module):
         return self.output(h_BTD).float()
 
     def loss(self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None,
-             ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (labels already shifted) without materialising all logits: equals
-        ``F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten())``, faster and leaner."""
+             ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (labels already shifted), "mean" over valid labels or "sum". Equals
+        ``F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten())`` without materialising all logits."""
         h_BTD = self.hidden_states(tokens_BT, doc_ids_BT)
-        if type(self.output) is not nn.Linear or self.output.bias is not None:  # swapped head (e.g. TP): plain
-            return cross_entropy(self.output(h_BTD).flatten(0, 1), labels_BT.flatten(), ignore_index)
-        return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, labels_BT.flatten(), ignore_index)
+        if not fused_head_ok(self.output):  # swapped or sharded head: plain path
+            return cross_entropy(self.output(h_BTD).flatten(0, 1), labels_BT.flatten(), ignore_index, reduction)
+        return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, labels_BT.flatten(), ignore_index,
+                                    reduction=reduction)

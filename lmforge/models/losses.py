@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, labels_N, ignore_index: int, chunk: int, compute_dtype):
+    def forward(ctx, h_ND, weight_VD, labels_N, ignore_index: int, chunk: int, compute_dtype, reduction: str):
         N = h_ND.shape[0]
         dtype = compute_dtype or h_ND.dtype
         h = h_ND.to(dtype)
         w = weight_VD.to(dtype)
         valid_N = labels_N != ignore_index
-        n_valid = valid_N.sum().clamp(min=1)
+        n_valid = valid_N.sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=h.device)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=w.device) if needs_grad else None
@@ -55,25 +55,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_out.to(grad_h.dtype)).to(ctx.in_dtypes[0]) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_out).to(ctx.in_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = 512) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` over rows whose label != ignore_index.
+                         ignore_index: int = -100, chunk_size: int = 512, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``h @ weight.T`` against ``labels`` over rows whose label != ignore_index;
+    ``reduction`` "mean" (over those rows) or "sum".
 
     Under CPU/CUDA autocast the matmuls run in the autocast dtype (as ``nn.Linear`` would)."""
     if h_ND.dim() != 2 or labels_N.dim() != 1 or h_ND.shape[0] != labels_N.shape[0]:
         raise ValueError(f"linear_cross_entropy: expected h [N, D] and labels [N], got {tuple(h_ND.shape)} "
                          f"and {tuple(labels_N.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     dev = h_ND.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     if compute_dtype is None and h_ND.dtype != weight_VD.dtype:
         compute_dtype = weight_VD.dtype
     with torch.autocast(dev, enabled=False):
-        return _LinearCrossEntropy.apply(h_ND, weight_VD, labels_N, ignore_index, chunk_size, compute_dtype)
+        return _LinearCrossEntropy.apply(h_ND, weight_VD, labels_N, ignore_index, chunk_size, compute_dtype,
+                                         reduction)
 
 
-def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
     """Reference path: float32 cross-entropy on materialised logits."""
-    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=ignore_index)
+    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=ignore_index, reduction=reduction)
+
+
+def fused_head_ok(head: torch.nn.Module) -> bool:
+    """The fused path reads ``head.weight`` directly: only for a plain, bias-free, unsharded nn.Linear."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # type: ignore[assignment]
+    return type(head) is torch.nn.Linear and head.bias is None and not isinstance(head.weight, DTensor)
+
+
+def mlm_mask(tokens_BT: torch.Tensor, mask_id: int, vocab_size: int, prob: float = 0.15,
+             special_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
+             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick ``prob`` of the non-special tokens; of those 80% → ``mask_id``, 10% → a random
+    token, 10% unchanged. Returns (inputs_BT, labels_BT) with labels = ignore_index where not picked."""
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"mlm_mask: prob must be in (0, 1), got {prob}")
+    dev = tokens_BT.device
+    u = torch.rand(tokens_BT.shape, generator=generator, device=dev)
+    special = torch.isin(tokens_BT, torch.tensor(list(special_ids), dtype=tokens_BT.dtype, device=dev)) \
+        if special_ids else torch.zeros_like(tokens_BT, dtype=torch.bool)
+    picked = (u < prob) & ~special
+    labels = torch.where(picked, tokens_BT, torch.full_like(tokens_BT, ignore_index))
+    action = torch.rand(tokens_BT.shape, generator=generator, device=dev)
+    random_ids = torch.randint(0, vocab_size, tokens_BT.shape, generator=generator, device=dev)
+    inputs = torch.where(picked & (action < 0.8), torch.full_like(tokens_BT, mask_id), tokens_BT)
+    inputs = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    return inputs, labels
