@@ -154,3 +154,4 @@ def test_other_blocks(tmp_path):
     tree, _ = deepspeed_to_tree({"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {
         "adam_w_mode": False}}}, 1)
     assert tree["optimizer"]["name"] == "adam" and math.isclose(2, tree["training"]["micro_batch_size"])
+    assert tree["training"]["grad_clip"] == 1.0  # absent gradient_clipping: DeepSpeed clips at 1.0

@@ -252,9 +252,8 @@ def deepspeed_to_tree(ds: dict, dp_size: int) -> tuple[dict, list[str]]:
         _map_optimizer(ds["optimizer"], opt, notes)
     if "scheduler" in ds:
         _map_scheduler(ds["scheduler"], opt.get("name"), sch, tr, notes)
-    if "gradient_clipping" in ds:
-        clip = ds["gradient_clipping"]
-        tr["grad_clip"] = float(clip) if clip else None
+    clip = ds.get("gradient_clipping", 1.0)  # DeepSpeed's default is 1.0, not "off"
+    tr["grad_clip"] = float(clip) if clip else None
     if "communication_data_type" in ds:
         comm = ds["communication_data_type"]
         if comm not in _COMM_DTYPES:
