@@ -82,7 +82,8 @@ class FTTrainConfig(Section):
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description="lr × decay^(depth from the top) "
                                             "per layer (embeddings deepest); None: off")
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (CPU with AVX-512 bf16, or CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
 

@@ -14,8 +14,12 @@ from lmforge.finetune.data import eval_batches
 from lmforge.finetune.reports import classification_report, entity_report
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -27,8 +31,10 @@ def evaluate_examples(model, examples: list[dict], task: str, label_names: list[
     loss_sum, loss_n = 0.0, 0
     y_true, y_pred, tags_true, tags_pred = [], [], [], []
     id2label = dict(enumerate(label_names))
+    device = next(model.parameters()).device
     for chunk, batch in eval_batches(examples, batch_size, pad_id):
-        with _autocast(precision):
+        batch = to_device(batch, device)
+        with autocast(device, precision):
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
         if task == "classification":
             loss_sum += F.cross_entropy(logits, batch["label"], reduction="sum").item()

@@ -20,7 +20,7 @@ import torch
 from lmforge.config import ConfigError
 from lmforge.finetune.config import FinetuneConfig, save_finetune_config
 from lmforge.finetune.data import TaskData, load_task_data, steps_per_epoch, train_batches
-from lmforge.finetune.evaluation import evaluate_examples, flat_metrics, majority_baseline
+from lmforge.finetune.evaluation import autocast, evaluate_examples, flat_metrics, majority_baseline, to_device
 from lmforge.finetune.methods import Applied, apply_method, load_adapter, merge, save_adapter, save_model
 from lmforge.finetune.model import TaskModel, load_base
 from lmforge.finetune.reports import print_report, write_report
@@ -103,7 +103,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
     total = cfg.train.max_steps or max(1, round(cfg.train.epochs * per_epoch))
     applied = build_task_model(cfg, total, data.label_names, backbone)
-    model = applied.model
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but CUDA is not available")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    model = applied.model.to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
     if cfg.train.layer_lr_decay:
         apply_layer_lr_decay(optimizer, model, cfg.train.layer_lr_decay)
@@ -117,12 +121,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
                    f"{counts['trainable']:,} of {counts['total']:,} params ({counts['trainable_pct']:.2f}%)")
     extra = {"task": cfg.task, "labels": data.label_names, "base": base_info, "scheme": data.scheme}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cw = data.class_weights
+    cw = data.class_weights.to(device) if data.class_weights is not None else None
     best_value, best_step, step, epoch, stopped = None, 0, 0, 0, None
     model.train()
     while step < total and stopped is None:
         for batch in train_batches(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, epoch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            batch = to_device(batch, device)
+            with autocast(device, cfg.train.precision):
                 loss, _ = model.loss(batch, cw)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip or float("inf"))
