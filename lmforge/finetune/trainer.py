@@ -123,6 +123,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     cw = data.class_weights.to(device) if data.class_weights is not None else None
     best_value, best_step, step, epoch, stopped = None, 0, 0, 0, None
+    eval_s, t_loop = 0.0, time.time()
     model.train()
     while step < total and stopped is None:
         for batch in train_batches(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, epoch):
@@ -139,6 +140,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(gn)}
             if step % eval_every == 0 or step == total:
+                t_eval = time.time()
                 rep = evaluate_examples(model, data.val, cfg.task, data.label_names, pad_id,
                                         cfg.train.eval_batch_size, cfg.train.precision)
                 m = flat_metrics(rep)
@@ -152,6 +154,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                + ("  (best)" if better else ""))
                 if stopper is not None and stopper.update({metric: value}):
                     stopped = f"early stop at step {step}: {stopper.describe()}"
+                eval_s += time.time() - t_eval
             logger.log(rec)
             if step >= total or stopped:
                 break
@@ -160,10 +163,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if stopped:
         print(stopped)
     train_s = time.time() - t0
+    loop_s = time.time() - t_loop - eval_s
 
     load_adapter(applied, run_dir / "best")
     summary = {"task": cfg.task, "method": cfg.method.name, "metric": metric, "best_step": best_step,
-               "best_value": best_value, "steps": step, "train_seconds": train_s, "params": counts,
+               "best_value": best_value, "steps": step, "train_seconds": train_s,
+               "loop_seconds": loop_s, "eval_seconds": eval_s, "params": counts,
                "stopped": stopped, "majority_baseline_accuracy": majority_baseline(data.train, data.val, cfg.task)}
     for split, examples in (("validation", data.val), ("test", data.test)):
         if not examples:
