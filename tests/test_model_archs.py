@@ -110,3 +110,15 @@ def test_token_classifier_and_pool_errors():
                                                                        ignore_index=-100))
     with pytest.raises(ValueError, match="pooling"):
         pool(torch.zeros(1, 2, 3), None, "max")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_pad_mask_left_padding(arch):
+    m = build_model(cfg(arch), seed=8).eval()
+    x = torch.randint(1, 71, (1, 8))
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    pad = torch.cat([torch.zeros(1, 3), torch.ones(1, 8)], 1).bool()
+    pos = (pad.long().cumsum(1) - 1).clamp(min=0)
+    got = m.hidden_states(left, pad_mask_BT=pad, positions_BT=pos)[:, 3:] if arch == "gpt2" else \
+        m.hidden_states(left, pad_mask_BT=pad)[:, 3:]
+    torch.testing.assert_close(got, m.hidden_states(x), rtol=1e-4, atol=1e-5)

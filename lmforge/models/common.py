@@ -115,6 +115,16 @@ def doc_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     return (same_BTT & causal_TT)[:, None]
 
 
+def pad_causal_mask(pad_mask_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal mask [B, 1, T, T] that also hides padding keys (True = real token) and, if given, other
+    documents; every query still sees itself so padding rows stay finite."""
+    T = pad_mask_BT.shape[1]
+    mask = doc_causal_mask(doc_ids_BT) if doc_ids_BT is not None else \
+        torch.ones(T, T, dtype=torch.bool, device=pad_mask_BT.device).tril()[None, None]
+    eye = torch.eye(T, dtype=torch.bool, device=pad_mask_BT.device)
+    return (mask & pad_mask_BT.to(torch.bool)[:, None, None, :]) | eye
+
+
 def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: Optional[torch.Tensor],
               causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA with grouped-query heads expanded (K → H) only when needed."""

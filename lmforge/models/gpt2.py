@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.common import KVCache, attention, doc_causal_mask, fill_const_, fill_normal_, init_generator, \
-    linear_weights
+from lmforge.models.common import (KVCache, attention, doc_causal_mask, fill_const_, fill_normal_, init_generator,
+                                   linear_weights, pad_causal_mask)
 from lmforge.models.losses import cross_entropy, fused_head_ok, linear_cross_entropy
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -140,6 +140,8 @@ class GPT2(nn.Module):
             if doc_ids_BT.shape != tokens_BT.shape:
                 raise ValueError(f"doc_ids_BT shape {tuple(doc_ids_BT.shape)} != tokens shape {(B, T)}")
             mask = doc_causal_mask(doc_ids_BT)
+        if cache is None and pad_mask_BT is not None:
+            mask = pad_causal_mask(pad_mask_BT, doc_ids_BT)
         if positions_BT is None:
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device)[None]
         top = int(positions_BT.max()) + 1

@@ -1,8 +1,8 @@
 """Task heads on any lmforge backbone (Llama, GPT-2, BERT): sequence and token classification.
 
 A backbone provides ``hidden_states(tokens_BT, **kw) -> [B, T, D]``. Padding is given as ``pad_mask_BT``
-(True = real token); decoders are expected to be right-padded (causal attention never sees the padding
-that follows a token), encoders receive the mask so padding keys are hidden.
+(True = real token); padding keys are hidden from attention. Right padding is preferred for decoders
+(GPT-2's absolute positions would otherwise start after the left padding).
 
 Legend: B batch, T tokens, D d_model, C classes.
 """
@@ -19,9 +19,7 @@ Pooling = Literal["cls", "mean", "last"]
 
 
 def _hidden(backbone: nn.Module, tokens_BT, pad_mask_BT, **kw) -> torch.Tensor:
-    if getattr(backbone, "cfg", None) is not None and backbone.cfg.arch == "bert":
-        return backbone.hidden_states(tokens_BT, pad_mask_BT=pad_mask_BT, **kw)
-    return backbone.hidden_states(tokens_BT, **kw)
+    return backbone.hidden_states(tokens_BT, pad_mask_BT=pad_mask_BT, **kw)
 
 
 def pool(h_BTD: torch.Tensor, pad_mask_BT: Optional[torch.Tensor], how: Pooling) -> torch.Tensor:

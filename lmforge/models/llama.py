@@ -18,7 +18,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.common import (KVCache, attention, doc_causal_mask, ffn_hidden_default, fill_const_,
-                                   fill_normal_, init_generator, linear_weights)
+                                   fill_normal_, init_generator, linear_weights, pad_causal_mask)
 from lmforge.models.kernels import rms_norm, rope
 from lmforge.models.losses import cross_entropy, fused_head_ok, linear_cross_entropy
 
@@ -189,6 +189,8 @@ class Llama(nn.Module):
             if doc_ids_BT.shape != tokens_BT.shape:
                 raise ValueError(f"doc_ids_BT shape {tuple(doc_ids_BT.shape)} != tokens shape {(B, T)}")
             mask = doc_causal_mask(doc_ids_BT)
+        if cache is None and pad_mask_BT is not None:
+            mask = pad_causal_mask(pad_mask_BT, doc_ids_BT)
         cos, sin = self._rope(T, positions_BT, start)
         dev = tokens_BT.device.type
         if torch.is_autocast_enabled(dev):
