@@ -170,3 +170,19 @@ def test_config_and_base_errors(tiny_run, tmp_path):
     backbone, _, _ = load_base(tiny_run)
     with pytest.raises(ConfigError, match="pooling=cls needs an encoder"):
         TaskModel(LlamaBackbone(backbone.model), "classification", 2, pooling="cls")
+
+
+@pytest.mark.parametrize("method", ["adalora", "prefix", "lora"])
+def test_trainer_runs_each_method_and_reloads_best(tiny_run, cls_files, tmp_path, method):
+    from lmforge.finetune.evaluation import evaluate_run
+
+    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
+        "method.name": method, "method.prefix_len": 4, "method.adalora_init_r": 4, "method.adalora_target_r": 2,
+        "method.adalora_delta_t": 2, "train.max_steps": 8, "train.eval_every": 4, "optimizer.lr": 1e-2,
+        "data.test": cls_files / "dev.tsv", "train.layer_lr_decay": 0.8})
+    s = finetune(cfg)
+    assert s["steps"] == 8 and s["best_step"] in (4, 8)
+    assert (tmp_path / "ft" / "reports" / "test.json").is_file()
+    assert (tmp_path / "ft" / "merged" / "model.safetensors").is_file() == (method != "prefix")
+    rep = evaluate_run(str(tmp_path / "ft"), str(cls_files / "dev.tsv"), "again", show=False)
+    assert rep["accuracy"] == pytest.approx(s["test"]["val_accuracy"])
