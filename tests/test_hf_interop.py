@@ -107,3 +107,20 @@ def test_bad_folders(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": ')
     with pytest.raises(ValueError, match="config.json:1"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_sharded_and_bin_checkpoints(tmp_path, layout):
+    hf = tiny_hf("llama", tie=False)
+    if layout == "sharded":
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        hf.save_pretrained(tmp_path)
+        sd = hf.state_dict()
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    ours = load_hf(tmp_path).eval()
+    x = torch.randint(0, 101, (1, 10))
+    with torch.no_grad():
+        assert (hf(input_ids=x).logits - ours(x)).abs().max().item() <= TOL
