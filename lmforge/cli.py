@@ -29,11 +29,37 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.launch import launch_torchrun
 
         return launch_torchrun(args, overrides)
-    cfg = load_config(args.config, overrides)
+    cfg = _train_config(args, overrides)
+    if cfg.distributed.engine == "deepspeed":
+        from lmforge.distributed.deepspeed_engine import train_with_deepspeed
+
+        train_with_deepspeed(cfg)
+        return 0
     from lmforge.training.trainer import train
 
     train(cfg)
     return 0
+
+
+def _train_config(args: argparse.Namespace, overrides: list[str]):
+    """YAML config, then a DeepSpeed JSON (``--deepspeed``) over it, then command-line overrides over both."""
+    import os
+
+    from lmforge.config import build_config, config_to_dict, deep_merge, load_config, parse_overrides
+
+    if not args.deepspeed:
+        return load_config(args.config, overrides)
+    from lmforge.distributed.deepspeed_config import load_deepspeed_config
+
+    base = load_config(args.config, overrides)
+    d = base.distributed
+    world = int(os.environ.get("WORLD_SIZE", args.nproc or 1))
+    dp = max(world // (max(d.tp, 1) * max(d.pp, 1)), 1)
+    cfg, notes = load_deepspeed_config(args.deepspeed, dp, base=base)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for note in notes:
+            print(f"deepspeed config: {note}", file=sys.stderr)
+    return build_config(deep_merge(config_to_dict(cfg), parse_overrides(overrides)), source="command line")
 
 
 def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
@@ -86,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", help="'auto' (newest complete checkpoint in run_dir) or a checkpoint folder")
     t.add_argument("--nproc", type=int, default=0, help="processes on this machine (wraps torchrun)")
+    t.add_argument("--deepspeed", metavar="DS_CONFIG_JSON",
+                   help="a DeepSpeed JSON config, mapped onto the native config (overrides still win)")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="generate text from a trained run folder")

@@ -8,17 +8,19 @@ import subprocess
 import sys
 
 
-def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
+def torchrun_command(nproc: int, config: str | None, overrides: list[str], deepspeed: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lmforge", "train"]
     if config:
         cmd += ["--config", config]
+    if deepspeed:
+        cmd += ["--deepspeed", deepspeed]
     return cmd + list(overrides)
 
 
 def launch_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     if "RANK" in os.environ:  # already under a launcher: never nest torchrun
         raise SystemExit("lmforge train --nproc: already running under torchrun (RANK is set); drop --nproc")
-    cmd = torchrun_command(args.nproc, args.config, overrides)
+    cmd = torchrun_command(args.nproc, args.config, overrides, getattr(args, "deepspeed", None))
     print("launching:", " ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd)

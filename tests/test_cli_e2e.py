@@ -88,3 +88,27 @@ def test_prepare_train_resume_generate_on_shakespeare(tmp_path):
     assert summary["steps"] == 30 and summary["resumed_from"]
     g = lmforge("generate", "--run", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "20")
     assert g.returncode == 0 and g.stdout.startswith("ROMEO:")
+
+
+def test_deepspeed_json_then_overrides(tmp_path):
+    """--deepspeed maps onto the native config; command-line overrides still win; bad keys are listed."""
+    import argparse
+
+    from lmforge.cli import _train_config
+    from lmforge.config import ConfigError
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 0.001}},
+                              "zero_optimization": {"stage": 3}}))
+    args = argparse.Namespace(config=None, deepspeed=str(ds), nproc=2)
+    cfg = _train_config(args, ["--model.preset=tiny", "--optimizer.lr=0.002"])
+    assert (cfg.training.micro_batch_size, cfg.training.grad_accum_steps) == (4, 2)  # 16 = 4 x 2 x 2 ranks
+    assert cfg.training.grad_clip == 0.5 and cfg.distributed.strategy == "zero3"
+    assert cfg.optimizer.lr == 0.002
+    ds.write_text(json.dumps({"train_batch_size": 15, "train_micro_batch_size_per_gpu": 4,
+                              "gradient_accumulation_steps": 2}))
+    with pytest.raises(ConfigError, match="15"):
+        _train_config(args, [])
+    bad = lmforge("train", "--deepspeed", ds, "--model.preset=tiny")
+    assert bad.returncode == 2 and "train_batch_size" in bad.stderr
