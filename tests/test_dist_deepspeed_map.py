@@ -40,10 +40,7 @@ def _ds_lrs(typ: str, params: dict) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("typ", [pytest.param(t, marks=pytest.mark.xfail(
-    strict=True, reason="lmforge/training/schedule.py OneCycle differs from DeepSpeed 0.19: its cycle uses "
-    "iteration s instead of s+1 and its post-cycle decay multiplies cycle_min_lr by (1+rate·k) where DeepSpeed "
-    "divides")) if t == "OneCycle" else t for t in SCHEDULES])
+@pytest.mark.parametrize("typ", list(SCHEDULES))
 def test_scheduler_blocks_reproduce_deepspeed(tmp_path, typ):
     cfg, _ = _load(tmp_path, {"optimizer": {"type": "SGD", "params": {"lr": LR}},
                               "scheduler": {"type": typ, "params": SCHEDULES[typ]}})

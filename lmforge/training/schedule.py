@@ -100,18 +100,20 @@ def ds_warmup_cosine_ratio(it: int, total_num_steps: int, warmup_min_ratio: floa
 
 def ds_one_cycle_lr(it: int, cycle_min_lr: float, cycle_max_lr: float, decay_lr_rate: float,
                     cycle_first_step_size: int, cycle_second_step_size: int | None, decay_step_size: int) -> float:
+    """DeepSpeed's OneCycle lr: a triangle over iterations 1..total, then ``min / (1 + rate·k/decay_step)``."""
     first = float(cycle_first_step_size)
     second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
     total = first + second
-    if it <= total:
+    if it < total:
         ratio = first / total
-        cycle = math.floor(1 + it / total)
-        x = 1.0 + it / total - cycle
+        b = it + 1
+        cycle = math.floor(1 + b / total)
+        x = 1.0 + b / total - cycle
         scale = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
         return cycle_min_lr + (cycle_max_lr - cycle_min_lr) * scale
-    if decay_step_size <= 0:
+    if decay_step_size <= 0 or decay_lr_rate == 0:
         return cycle_min_lr
-    return cycle_min_lr * (1 + decay_lr_rate * (it - total) / decay_step_size)
+    return cycle_min_lr / (1 + decay_lr_rate * (it - total + 1) / decay_step_size)
 
 
 def ds_lr_range_test_lr(it: int, lr_range_test_min_lr: float, lr_range_test_step_size: int,
