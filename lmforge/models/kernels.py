@@ -34,7 +34,8 @@ class _Rope(torch.autograd.Function):
 
 def rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x·cos + [x2, x1]·sin_signed (= x·cos + rotate_half(x)·sin). cos/sin: [T, 1, Dh] or [B, T, 1, Dh]."""
-    cos, sin_signed = cos.to(x_BTHD.dtype), sin_signed.to(x_BTHD.dtype)
+    if cos.dtype != x_BTHD.dtype:
+        cos, sin_signed = cos.to(x_BTHD.dtype), sin_signed.to(x_BTHD.dtype)
     if torch.is_grad_enabled() and x_BTHD.requires_grad:
         return _Rope.apply(x_BTHD, cos, sin_signed)
     return torch.addcmul(x_BTHD * cos, _swap_halves(x_BTHD), sin_signed)
@@ -72,4 +73,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: Optio
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps, out_dtype)
     out = F.rms_norm(_acc(x), (x.shape[-1],), _acc(weight), eps)  # inference: no autograd.Function overhead
-    return out.to(out_dtype or x.dtype)
+    want = out_dtype or x.dtype
+    return out if out.dtype == want else out.to(want)
