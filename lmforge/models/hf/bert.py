@@ -29,7 +29,8 @@ def config_from_hf(c: dict, src: str) -> ModelConfig:
     require(act in _ACT_FROM_HF, f"{src}: hidden_act {act!r} is not supported ({', '.join(_ACT_FROM_HF)})")
     require(c.get("position_embedding_type", "absolute") == "absolute",
             f"{src}: position_embedding_type {c.get('position_embedding_type')!r} is not supported (absolute only)")
-    return ModelConfig(arch="bert", vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+    return ModelConfig(arch="bert", vocab_size=c["vocab_size"], d_model=c["hidden_size"],
+                       n_layers=c["num_hidden_layers"],
                        n_heads=c["num_attention_heads"], ffn_hidden=c["intermediate_size"],
                        max_seq_len=c.get("max_position_embeddings", 512), norm_eps=c.get("layer_norm_eps", 1e-12),
                        type_vocab_size=c.get("type_vocab_size", 2), activation=_ACT_FROM_HF[act],

@@ -19,7 +19,8 @@ def config_from_hf(c: dict, src: str) -> ModelConfig:
     d = c["n_embd"]
     return ModelConfig(arch="gpt2", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=c["n_head"],
                        ffn_hidden=c.get("n_inner") or 4 * d, max_seq_len=c.get("n_positions", 1024),
-                       norm_eps=c.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+                       norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=bool(c.get("tie_word_embeddings", True)),
                        activation=_ACT_FROM_HF[act], init_std=c.get("initializer_range", 0.02))
 
 
@@ -36,7 +37,8 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, src: str) -> dict[str
     sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     p = "transformer."
-    out = {"tok_embeddings.weight": take(sd, p + "wte.weight", src), "pos_embeddings.weight": take(sd, p + "wpe.weight", src),
+    out = {"tok_embeddings.weight": take(sd, p + "wte.weight", src),
+           "pos_embeddings.weight": take(sd, p + "wpe.weight", src),
            "norm.weight": take(sd, p + "ln_f.weight", src), "norm.bias": take(sd, p + "ln_f.bias", src)}
     for i in range(cfg.n_layers):
         h, o = f"{p}h.{i}.", f"layers.{i}."

@@ -38,7 +38,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 
 _LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-          "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+          "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+          "ffn_norm": "post_attention_layernorm"}
 
 
 def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, src: str) -> dict[str, torch.Tensor]:
