@@ -32,19 +32,41 @@ def test_scaler_hysteresis_backoff_growth_and_min():
     s = DynamicLossScaler(init_scale=1024, window=3, hysteresis=2, min_scale=256, max_skips_at_min=2)
     assert s.update(True) is None and s.scale == 1024  # first overflow absorbed by hysteresis
     assert s.update(True) is None and s.scale == 512
+    assert s.update(True) is None and s.scale == 256  # hysteresis is not restored by a halving (DeepSpeed)
     for _ in range(3):
         s.update(False)
-    assert s.scale == 1024  # window of good steps doubles
-    for _ in range(4):
+    assert s.scale == 256  # DeepSpeed grows after window+1 clean steps following an overflow
+    s.update(False)
+    assert s.scale == 512 and s.cur_hysteresis == 2
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 1024  # then every window steps
+    for _ in range(3):
         s.update(True)
-    assert s.scale == 256  # never below min_scale
-    assert s.update(True) is None
+    assert s.scale == 256
+    assert s.update(True) is None and s.scale == 256  # never below min_scale
     msg = s.update(True)
     assert msg is not None and "bf16" in msg
     st = s.state_dict()
     s2 = DynamicLossScaler()
     s2.load_state_dict(st)
     assert s2.state_dict() == st
+
+
+def test_scaler_matches_deepspeed(monkeypatch):
+    """The same overflow sequence through DeepSpeed's own DynamicLossScaler gives the same scales."""
+    ls = pytest.importorskip("deepspeed.runtime.fp16.loss_scaler", reason="deepspeed is not installed")
+    monkeypatch.setattr(ls.dist, "get_rank", lambda *a, **k: 0)
+    theirs = ls.DynamicLossScaler(init_scale=2.0 ** 10, scale_window=4, min_scale=8, delayed_shift=3,
+                                  consecutive_hysteresis=False, raise_error_at_min_scale=False)
+    ours = DynamicLossScaler(init_scale=2.0 ** 10, window=4, hysteresis=3, min_scale=8, max_skips_at_min=10 ** 6)
+    g = torch.Generator().manual_seed(0)
+    for i in range(400):
+        overflow = bool(torch.rand((), generator=g) < (0.5 if i < 100 else 0.15))
+        theirs.update_scale(overflow)
+        ours.update(overflow)
+        assert ours.scale == theirs.cur_scale, i
+        assert ours.cur_hysteresis == theirs.cur_hysteresis, i
 
 
 def test_unscale_detects_inf_and_divides():

@@ -10,15 +10,18 @@ from torch import nn
 
 
 class DynamicLossScaler:
-    """DeepSpeed-style dynamic loss scale. An overflow step is skipped; after ``hysteresis`` overflows (since
-    the last good window) the scale halves (not below ``min_scale``); ``window`` overflow-free steps double
-    it. ``max_skips_at_min`` overflows in a row at ``min_scale`` make ``update`` return a stop message."""
+    """Dynamic loss scale with DeepSpeed's semantics (``deepspeed.runtime.fp16.loss_scaler``). An overflow
+    step is skipped; an overflow with ``hysteresis`` used up halves the scale (not below ``min_scale``),
+    otherwise it uses up one unit of hysteresis; after ``window`` overflow-free steps following the last
+    overflow (the first growth comes one step later, as in DeepSpeed) the scale doubles and hysteresis is
+    restored. ``max_skips_at_min`` overflows in a row at ``min_scale`` make ``update`` return a stop message."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000, hysteresis: int = 2,
                  min_scale: float = 1.0, max_skips_at_min: int = 10, factor: float = 2.0):
         self.scale, self.window, self.hysteresis, self.min_scale = float(init_scale), window, hysteresis, min_scale
         self.max_skips_at_min, self.factor = max_skips_at_min, factor
-        self.cur_hysteresis, self.good_steps, self.skips_at_min, self.overflows = hysteresis, 0, 0, 0
+        self.cur_hysteresis, self.skips_at_min, self.overflows = hysteresis, 0, 0
+        self.iter, self.last_overflow_iter = 0, -1
 
     def unscale_(self, params) -> bool:
         """Divide grads by the scale in place; True when all are finite."""
@@ -35,29 +38,31 @@ class DynamicLossScaler:
         return not bool(found_inf.item())
 
     def update(self, found_inf: bool) -> Optional[str]:
+        msg = None
         if found_inf:
             self.overflows += 1
-            self.good_steps = 0
             if self.scale <= self.min_scale:
                 self.skips_at_min += 1
                 if self.skips_at_min >= self.max_skips_at_min:
-                    return (f"fp16: {self.skips_at_min} overflow steps in a row at the minimum loss scale "
-                            f"{self.min_scale}; the model does not fit fp16's range. Use training.precision=bf16")
+                    msg = (f"fp16: {self.skips_at_min} overflow steps in a row at the minimum loss scale "
+                           f"{self.min_scale}; the model does not fit fp16's range. Use training.precision=bf16")
             if self.cur_hysteresis <= 1:
                 self.scale = max(self.scale / self.factor, self.min_scale)
-                self.cur_hysteresis = self.hysteresis
             else:
                 self.cur_hysteresis -= 1
-            return None
-        self.skips_at_min = 0
-        self.good_steps += 1
-        if self.good_steps % self.window == 0:
-            self.scale *= self.factor
-            self.cur_hysteresis = self.hysteresis
-        return None
+            self.last_overflow_iter = self.iter
+        else:
+            self.skips_at_min = 0
+            stable = self.iter - self.last_overflow_iter - 1
+            if stable > 0 and stable % self.window == 0:
+                self.scale *= self.factor
+                self.cur_hysteresis = self.hysteresis
+        self.iter += 1
+        return msg
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("scale", "cur_hysteresis", "good_steps", "skips_at_min", "overflows")}
+        return {k: getattr(self, k) for k in ("scale", "cur_hysteresis", "skips_at_min", "overflows", "iter",
+                                             "last_overflow_iter")}
 
     def load_state_dict(self, st: dict) -> None:
         for k, v in st.items():
