@@ -68,10 +68,13 @@ def test_greedy_generation_matches_transformers(tmp_path, arch):
             p.mul_(4.0) if p.dim() == 2 else None
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
-    prompt = [5, 17, 42, 8, 99, 3]
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, min_new_tokens=24)[0, len(prompt):].tolist()
-    assert generate(ours, [prompt], 24, temperature=0) == [ref]
+    prompts = [[5, 17, 42, 8, 99, 3], [7, 1, 64]]  # batched: HF left-pads with an attention mask
+    x = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    ref = hf.generate(x, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[:, 6:].tolist()
+    assert generate(ours, prompts, 24, temperature=0) == ref
+    assert len(set(ref[0])) > 1
 
 
 def test_bert_import_parity_heads_and_roundtrip(tmp_path):
