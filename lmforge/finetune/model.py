@@ -1,6 +1,6 @@
-"""Backbones (lmforge Llama, Hugging Face encoders) and the task model put on top of them.
+"""Backbones (lmforge Llama / GPT-2 / BERT from a run or imported from HF; other HF encoders via transformers) and the task model put on top of them.
 
-The backbone's own code is never edited: prefix tuning on Llama goes through its KV cache (learned
+The backbone's own code is never edited: prefix tuning on decoders goes through their KV cache (learned
 key/value slots pre-filled before the real tokens), everything else wraps modules from outside.
 
 Legend: B batch, T tokens, D hidden size, K classes, V vocab, L layers, P prefix slots, H kv heads,
@@ -34,24 +34,33 @@ class PrefixKV(nn.Module):
         return self.k.shape[2]
 
 
-class LlamaBackbone(nn.Module):
-    kind = "decoder"
+class LmforgeBackbone(nn.Module):
+    """Any lmforge model with ``hidden_states`` (Llama, GPT-2, BERT), built from a run or imported from HF."""
+
+    naming = "lmforge"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.kind = "encoder" if model.cfg.arch == "bert" else "decoder"
         self.d_model = model.cfg.d_model
         self.max_len = model.cfg.max_seq_len
         self.prefix: Optional[PrefixKV] = None
 
     def enable_prefix(self, prefix_len: int) -> PrefixKV:
+        if self.kind != "decoder" or not hasattr(self.model, "new_cache"):
+            raise ConfigError("method.name=prefix needs a decoder base with a KV cache (lmforge Llama / GPT-2); "
+                              "for encoders use lora, adalora or adapter")
         c = self.model.cfg
         self.prefix = PrefixKV(c.n_layers, c.n_kv_heads or c.n_heads, prefix_len, c.d_model // c.n_heads,
                                c.init_std).to(self.model.tok_embeddings.weight.device)
         return self.prefix
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, D]; right padding needs no mask (causal attention never looks right)."""
+        """Hidden states [B, T, D]. Decoders take right padding without a mask (causal attention never looks
+        right); encoders hide padding keys."""
+        if self.kind == "encoder":
+            return self.model.hidden_states(input_ids_BT, pad_mask_BT=attention_mask_BT)
         if self.prefix is None:
             return self.model.hidden_states(input_ids_BT)
         B, T = input_ids_BT.shape
@@ -71,10 +80,14 @@ class LlamaBackbone(nn.Module):
         return self.model.output(h_BTD).float()
 
 
+LlamaBackbone = LmforgeBackbone  # the name the first version used
+
+
 class HFEncoderBackbone(nn.Module):
-    """A ``transformers`` encoder (BERT / MiniLM / RoBERTa ...) loaded from a local folder."""
+    """Fallback for encoder families lmforge does not import (RoBERTa, DistilBERT, ...): ``transformers``."""
 
     kind = "encoder"
+    naming = "hf"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -83,8 +96,8 @@ class HFEncoderBackbone(nn.Module):
         self.max_len = getattr(model.config, "max_position_embeddings", 512)
 
     def enable_prefix(self, prefix_len: int):
-        raise ConfigError("method.name=prefix is implemented for lmforge Llama bases (through their KV cache); "
-                          "for Hugging Face encoders use lora, adalora or adapter")
+        raise ConfigError("method.name=prefix needs a decoder base with a KV cache (lmforge Llama / GPT-2); "
+                          "for encoders use lora, adalora or adapter")
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT.long()).last_hidden_state
@@ -177,21 +190,33 @@ def load_base(path: str | Path, tokenizer: Optional[str] = None) -> tuple[nn.Mod
         model.train()
         if tokenizer:
             tok = load_tokenizer(tokenizer)
-        return LlamaBackbone(model), tok, {"kind": "lmforge", "run": str(run), "checkpoint": str(used)}
+        return LmforgeBackbone(model), tok, {"kind": "lmforge", "run": str(run), "checkpoint": str(used)}
     if (p / "config.json").is_file():
+        from lmforge.models.hf import SUPPORTED, load_hf
+
+        tok = _hf_tokenizer(Path(tokenizer) if tokenizer else p)
+        if _model_type(p) in SUPPORTED:
+            import warnings
+
+            with warnings.catch_warnings():  # MLM/NSP heads a bare encoder lacks are not used here
+                warnings.filterwarnings("ignore", message=".*no weights for.*")
+                model = load_hf(p)
+            return LmforgeBackbone(model), tok, {"kind": "hf-import", "path": str(p)}
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(str(p), add_pooling_layer=False) if _is_bert(p) else AutoModel.from_pretrained(str(p))
-        tok = _hf_tokenizer(Path(tokenizer) if tokenizer else p)
-        return HFEncoderBackbone(model), tok, {"kind": "hf", "path": str(p)}
+        model = AutoModel.from_pretrained(str(p))
+        if getattr(model.config, "is_decoder", False) or not hasattr(model.config, "hidden_size"):
+            raise ConfigError(f"base.path: {p} model_type {_model_type(p)!r} is neither importable by lmforge "
+                              "(llama, gpt2, bert) nor a transformers encoder")
+        return HFEncoderBackbone(model), tok, {"kind": "hf-transformers", "path": str(p)}
     raise ConfigError(f"base.path: {p} is neither an lmforge run/checkpoint folder (config.yaml) nor a Hugging "
                       "Face model folder (config.json)")
 
 
-def _is_bert(folder: Path) -> bool:
+def _model_type(folder: Path) -> Optional[str]:
     import json
 
-    return json.loads((folder / "config.json").read_text()).get("model_type") in ("bert", "roberta")
+    return json.loads((folder / "config.json").read_text()).get("model_type")
 
 
 def minilm_path() -> Path:
