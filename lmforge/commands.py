@@ -4,4 +4,17 @@ parsers whose ``func(args, extra)`` returns an exit code. Registrars import noth
 from lmforge.data.cli import add_data_commands
 from lmforge.distributed.cli import add_distributed_commands
 
-REGISTRARS: list = [add_data_commands, add_distributed_commands]
+
+def _cmd_hf(args, extra: list[str]) -> int:
+    from lmforge.models.hf.convert import main
+
+    return main(extra)
+
+
+def add_hf_commands(subparsers) -> None:
+    h = subparsers.add_parser("hf", add_help=False,
+                              help="HF interop: export a run to a transformers folder, check an HF folder")
+    h.set_defaults(func=_cmd_hf, passthrough=True)
+
+
+REGISTRARS: list = [add_data_commands, add_distributed_commands, add_hf_commands]
