@@ -121,6 +121,17 @@ def test_sft_trainer_learns(tiny_run, tmp_path):
     assert s["metric"] == "val_loss" and s["best_value"] == min(evals)
     assert min(evals) < evals[0] - 0.2, evals
     assert "perplexity" in (tmp_path / "ft" / "reports" / "validation.md").read_text()
+    # the exported run folder generates with the fine-tuned weights
+    from lmforge.inference import generate_from_run, load_run
+
+    out = generate_from_run(s["export"], ["<|user|>\nadd 1 2\n<|assistant|>\n"], max_new_tokens=2, temperature=0.0)
+    assert len(out) == 1
+    exported, _, _, _ = load_run(s["export"])
+    backbone, _, _ = load_base(tmp_path / "ft" / "sft_run")
+    base, _, _ = load_base(tiny_run)
+    w = "layers.0.attention.wq.weight"
+    assert torch.equal(exported.state_dict()[w], backbone.model.state_dict()[w])
+    assert not torch.equal(exported.state_dict()[w], base.model.state_dict()[w])
 
 
 def test_validation_split_is_seeded_and_disjoint(tiny_run, cls_files, tmp_path):

@@ -3,7 +3,7 @@
 Layout: ``finetune.yaml`` (resolved config), ``metrics.jsonl`` + ``tensorboard/``, ``best/`` (adapter.safetensors
 + adapter.json: the trainable tensors of the best evaluation — the whole model for method=full),
 ``merged/model.safetensors`` (lora/adalora folded into the base), ``reports/{validation,test}.{json,md,html,png}``,
-``summary.json``.
+``summary.json``; for sft also ``sft_run/`` (an lmforge run folder for ``lmforge generate``) or ``sft_hf/``.
 """
 
 from __future__ import annotations
@@ -80,6 +80,28 @@ def build_task_model(cfg: FinetuneConfig, total_steps: int, label_names: list[st
         raise ConfigError(f"data.max_len={cfg.data.max_len} (+ prefix) exceeds the base model's {backbone.max_len} "
                           "positions")
     return apply_method(model, cfg.method, total_steps)
+
+
+def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int) -> Path:
+    """The fine-tuned decoder in its base's format: an lmforge run folder (``sft_run/``, usable by
+    ``lmforge generate --run``) or, for an imported HF base, an HF folder (``sft_hf/``)."""
+    lm = model.backbone.model
+    if base_info["kind"] == "lmforge":
+        from lmforge.config import load_config, save_config
+        from lmforge.training.checkpoint import save_checkpoint
+
+        out = run_dir / "sft_run"
+        base_cfg = load_config(Path(base_info["run"]) / "config.yaml", [f"--run_dir={out}"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(base_cfg, out / "config.yaml")
+        tok.save(out / "tokenizer.json")
+        save_checkpoint(out, max(step, 1), lm, state={"finetune_run": str(run_dir)})
+        return out
+    from lmforge.models.hf import save_hf
+
+    out = save_hf(lm, run_dir / "sft_hf")
+    tok.save(out / "tokenizer.json")
+    return out
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -182,5 +204,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         merged = merge(applied)
         save_model(merged, run_dir / "merged" / "model.safetensors", {"task": cfg.task, "from": "best"})
         (run_dir / "merged" / "labels.json").write_text(json.dumps(extra, indent=2))
+    if cfg.task == "sft" and cfg.method.name in ("full", "lora", "adalora"):
+        summary["export"] = str(export_sft(model, tok, base_info, run_dir, best_step))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
