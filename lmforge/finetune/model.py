@@ -43,6 +43,10 @@ class LmforgeBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.kind = "encoder" if model.cfg.arch == "bert" else "decoder"
+        if self.kind == "encoder":  # pre-training heads are unused here: drop them (the tied embedding stays)
+            for name in ("pooler", "mlm_head", "nsp_head"):
+                if getattr(model, name, None) is not None:
+                    setattr(model, name, None)
         self.d_model = model.cfg.d_model
         self.max_len = model.cfg.max_seq_len
         self.prefix: Optional[PrefixKV] = None
