@@ -5,7 +5,11 @@ AdamW (fused=True), loss = mean next-token cross-entropy over all B·T positions
 own ``labels``/``shift_labels`` path, lmforge via ``Llama.loss``). fp32 and bf16 autocast, each library the
 same way. MFU is against a measured matmul peak of this CPU in the same dtype.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--warmup 3] [--threads N]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--warmup 3] [--threads N] [--ac] [--compile]
+
+``--ac`` checkpoints every block's activations (lmforge: ``training/wrap.py`` from outside the model; HF:
+``gradient_checkpointing_enable``). ``--compile`` compiles every block with ``torch.compile`` (lmforge:
+``training/wrap.py``; HF: the same per-layer ``.compile()``), so both libraries get the same treatment.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def matmul_peak(dtype: torch.dtype, m: int = 1536, k: int = 1536, n: int = 1536,
     return 2 * m * k * n / best
 
 
+OPTS = {"ac": False, "compile": False}
+
+
 def build_lmforge():
     from lmforge.config import ModelConfig
     from lmforge.models import build_model
@@ -57,6 +64,12 @@ def build_lmforge():
     cfg = ModelConfig(vocab_size=s["vocab"], d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"],
                       n_kv_heads=s["heads"], ffn_hidden=s["ffn"], max_seq_len=s["seq"], tie_embeddings=True)
     model = build_model(cfg, seed=0)
+    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
+
+    if OPTS["ac"]:
+        apply_activation_checkpointing(model)
+    if OPTS["compile"]:
+        apply_compile(model)
     return model, lambda x, y: model.loss(x, y)
 
 
@@ -72,6 +85,12 @@ def build_hf():
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
+    if OPTS["ac"]:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if OPTS["compile"]:
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
     return model, lambda x, y: model(input_ids=x, labels=y, shift_labels=y).loss
 
 
@@ -123,7 +142,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing on every block (both libraries)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every block (both libraries)")
     args = ap.parse_args()
+    OPTS.update(ac=args.ac, compile=args.compile)
     torch.set_num_threads(args.threads)
 
     import transformers
@@ -134,7 +156,8 @@ def main() -> None:
           f"threads {args.threads}  torch {torch.__version__}  transformers {transformers.__version__}")
     s = SHAPE
     print(f"shape: vocab {s['vocab']} d {s['d']} layers {s['layers']} heads {s['heads']} ffn {s['ffn']} "
-          f"tied, batch {s['batch']}x{s['seq']}, AdamW; {args.warmup} warmup + {args.steps} timed steps")
+          f"tied, batch {s['batch']}x{s['seq']}, AdamW; {args.warmup} warmup + {args.steps} timed steps; "
+          f"activation checkpointing {'on' if args.ac else 'off'}, compile {'on' if args.compile else 'off'}")
     lm, _ = build_lmforge()
     flops_tok = lm.flops_per_token(s["seq"])
     print(f"params {lm.num_params() / 1e6:.2f}M  flops/token {flops_tok / 1e6:.1f}M (6N + 12·L·H·Dh·T)")
