@@ -197,3 +197,23 @@ def test_trainer_runs_each_method_and_reloads_best(tiny_run, cls_files, tmp_path
     assert (tmp_path / "ft" / "merged" / "model.safetensors").is_file() == (method != "prefix")
     rep = evaluate_run(str(tmp_path / "ft"), str(cls_files / "dev.tsv"), "again", show=False)
     assert rep["accuracy"] == pytest.approx(s["test"]["val_accuracy"])
+
+
+def test_finetune_cli_yaml_and_overrides(tiny_run, cls_files, tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "cli"), "task": "classification", "base": {"path": str(tiny_run)},
+        "data": {"train": str(cls_files / "train.tsv"), "max_len": 32}, "method": {"name": "lora"},
+        "train": {"max_steps": 50}}))
+    p = argparse.ArgumentParser()
+    add_finetune_commands(p.add_subparsers())
+    args, extra = p.parse_known_args(["finetune", "--config", str(tmp_path / "ft.yaml"), "--train.max_steps=3",
+                                      "--train.eval_every=3"])
+    assert args.func(args, extra) == 0
+    assert "at step 3" in capsys.readouterr().out
+    s = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert s["steps"] == 3 and s["method"] == "lora"
+    with pytest.raises(ConfigError, match="unknown key 'train.max_step'"):
+        args, extra = p.parse_known_args(["finetune", "--config", str(tmp_path / "ft.yaml"), "--train.max_step=3"])
+        args.func(args, extra)
