@@ -86,8 +86,10 @@ def build_hf():
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
     if OPTS["ac"]:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if OPTS["compile"]:
         for layer in model.model.layers:
             layer.compile(dynamic=False)
