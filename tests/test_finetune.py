@@ -217,3 +217,28 @@ def test_finetune_cli_yaml_and_overrides(tiny_run, cls_files, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown key 'train.max_step'"):
         args, extra = p.parse_known_args(["finetune", "--config", str(tmp_path / "ft.yaml"), "--train.max_step=3"])
         args.func(args, extra)
+
+
+def test_prefer_fused_matches_foreach_and_keeps_groups():
+    from lmforge.finetune.trainer import prefer_fused
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+
+    def groups(m):
+        return [{"params": [m.weight], "weight_decay": 0.1, "name": "decay"},
+                {"params": [m.bias], "weight_decay": 0.0, "name": "no_decay"}]
+
+    oa = torch.optim.AdamW(groups(a), lr=1e-2, foreach=True)
+    ob = prefer_fused(torch.optim.AdamW(groups(b), lr=1e-2, foreach=True))
+    assert ob.param_groups[0]["fused"] and [g["name"] for g in ob.param_groups] == ["decay", "no_decay"]
+    x = torch.randn(16, 8)
+    for _ in range(5):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+    sgd = torch.optim.SGD(a.parameters(), lr=0.1)
+    assert prefer_fused(sgd) is sgd
