@@ -22,7 +22,7 @@ IGNORE = -100
 
 
 class PrefixKV(nn.Module):
-    """Learned per-layer key/value prefixes: ``k_LBHPD``-style slots shared over the batch."""
+    """Learned per-layer key/value prefixes ``k``, ``v``: [L, H, P, Dh], shared over the batch."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, prefix_len: int, head_dim: int, std: float = 0.02):
         super().__init__()
