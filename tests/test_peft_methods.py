@@ -133,3 +133,26 @@ def test_transformers_fallback_backbone_targets():
         torch.testing.assert_close(a.model(ids, mask), want)  # zero-initialised deltas
         if name == "lora":
             base = merge(a)
+
+
+@pytest.mark.parametrize("arch,name", [("gpt2", "prefix"), ("gpt2", "lora"), ("bert", "adapter"), ("bert", "lora")])
+def test_other_lmforge_families(arch, name, tmp_path):
+    """GPT-2 and BERT share Llama's module names: default targets, save/load and merge work unchanged."""
+    def make():
+        cfg = ModelConfig(arch=arch, vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+        return TaskModel(LlamaBackbone(build_model(cfg, seed=0)), "classification", num_labels=3)
+
+    torch.manual_seed(0)
+    mc = MethodConfig(name=name, lora_r=4, adapter_size=8, prefix_len=3)
+    a = apply_method(make(), mc)
+    _perturb(a)
+    a.model.eval()
+    ids, mask = _batch()
+    want = a.model(ids, mask)
+    save_adapter(a, tmp_path / "ad")
+    torch.manual_seed(0)
+    b = apply_method(make(), mc)
+    load_adapter(b, tmp_path / "ad")
+    torch.testing.assert_close(b.model.eval()(ids, mask), want, rtol=0, atol=0)
+    if name == "lora":
+        torch.testing.assert_close(merge(b)(ids, mask), want, rtol=1e-5, atol=1e-5)
