@@ -188,13 +188,25 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, schedule
 
 
 def consolidate(ckpt_dir: str | Path, out_file: str | Path) -> Path:
-    """Merge a (sharded) checkpoint's model weights into one safetensors file (single process)."""
+    """Merge a (sharded) checkpoint's model weights into one safetensors file (single process). Accepts this
+    module's layout and ``lmforge train`` checkpoints of any world size."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     ckpt_dir, out_file = Path(ckpt_dir), Path(out_file)
     if not (ckpt_dir / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a complete lmforge checkpoint (no {MARKER} marker)")
+    if (ckpt_dir / "manifest.json").is_file():  # a `lmforge train` checkpoint (either world size)
+        from lmforge.training import checkpoint_sharded
+
+        manifest = checkpoint_sharded.verify_everywhere(ckpt_dir)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        if manifest.get("format") != "dcp":
+            shutil.copyfile(ckpt_dir / "model.safetensors", out_file)
+            return out_file
+        tensors = checkpoint_sharded.full_weights(ckpt_dir)
+        tied = "output.weight" in tensors and torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"])
+        return checkpoint_sharded.export_from_checkpoint(ckpt_dir, out_file, tied=tied)
     tmp = out_file.with_suffix(".tmp.pt")
     try:
         dcp_to_torch_save(ckpt_dir, tmp)

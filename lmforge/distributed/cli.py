@@ -17,10 +17,11 @@ def _cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"checkpoint consolidate: unexpected arguments {' '.join(extra)}")
     from lmforge.distributed.checkpoint import consolidate
+    from lmforge.training.checkpoint import CheckpointError
 
     try:
         out = consolidate(args.checkpoint, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
     print(f"wrote {out}")
     return 0

@@ -139,6 +139,7 @@ class ParallelDims:
 # ---------------------------------------------------------------------------------------------
 
 _WATCHDOG: Optional["_Heartbeat"] = None
+_OWN_GROUP = False  # True when init_distributed created the default process group (and so destroys it)
 
 
 class _Heartbeat:
@@ -223,7 +224,9 @@ def init_distributed(cfg, heartbeat_interval_s: float = 1.0) -> ParallelDims:
     backend = dcfg.backend if dcfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise ConfigError("distributed.backend=nccl needs CUDA; use gloo (or auto) on CPU")
+    global _OWN_GROUP
     if not dist.is_initialized():
+        _OWN_GROUP = True
         for k in ("MASTER_ADDR", "MASTER_PORT"):
             if k not in os.environ:
                 raise ConfigError(f"WORLD_SIZE={world} but {k} is not set; launch with torchrun")
@@ -236,9 +239,19 @@ def init_distributed(cfg, heartbeat_interval_s: float = 1.0) -> ParallelDims:
     return pdims
 
 
-def destroy_distributed() -> None:
-    """Stop the heartbeat and tear down the process group (call at the end of every run)."""
-    global _WATCHDOG
+def destroy_distributed(abort: bool = False) -> None:
+    """Stop the heartbeat and tear down the process group if ``init_distributed`` created it (call at the end
+    of every run). ``abort`` (a rank failing): no barriers, and the heartbeat just stops, so peers' watchdogs
+    (or torchrun) end the job."""
+    global _WATCHDOG, _OWN_GROUP
+    if abort:
+        if _WATCHDOG is not None:
+            _WATCHDOG._stop.set()
+            _WATCHDOG = None
+        if dist.is_initialized() and _OWN_GROUP:
+            dist.destroy_process_group()
+            _OWN_GROUP = False
+        return
     if dist.is_initialized():
         dist.barrier()  # everyone is done: peers going quiet from here on is not a failure
     if _WATCHDOG is not None:
@@ -246,4 +259,6 @@ def destroy_distributed() -> None:
         _WATCHDOG = None
     if dist.is_initialized():
         dist.barrier()  # every watchdog stopped before rank 0's store goes away
-        dist.destroy_process_group()
+        if _OWN_GROUP:
+            dist.destroy_process_group()
+            _OWN_GROUP = False

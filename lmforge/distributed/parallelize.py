@@ -5,9 +5,9 @@
 1. tensor parallel (DTensor ``parallelize_module``): wq/wk/wv/w1/w3 column-wise, wo/w2 row-wise; the
    attention module's head counts are divided by ``tp``. Embeddings, norms and the output head stay
    replicated across the tp group (their gradients are identical on every tp rank).
-2. activation checkpointing: each block wrapped by ``checkpoint_wrapper`` (canonical FQNs are kept by
-   ``state_dict`` hooks and by ``torch.distributed.checkpoint.state_dict``).
-3. ``torch.compile`` per block (``training.compile``).
+2. activation checkpointing (``training.activation_checkpointing``, ``ac_every``, ``ac_selective``; the same
+   wrapper as single-process runs, RNG preserved; canonical FQNs are kept).
+3. ``torch.compile`` per block (``training.compile``, ``compile_cache_dir``).
 4. data parallel over the "dp" dims:
    - zero3: FSDP2 ``fully_shard`` per block then root, ``reshard_after_forward=True`` (params, grads and
      optimizer states sharded; params re-gathered in backward).
@@ -25,6 +25,8 @@ Pipeline parallel (``pp > 1``) splits the model first, see ``lmforge.distributed
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -78,18 +80,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for name, block in blocks(model):
-        _set_block(model, name, checkpoint_wrapper(block, preserve_rng_state=False))
-
-
-def apply_compile(model: nn.Module) -> None:
-    for _, block in blocks(model):
-        block.compile(dynamic=False)
-
-
 def apply_fsdp(model: nn.Module, pdims: ParallelDims, dcfg, precision: str) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -108,10 +98,15 @@ def apply_fsdp(model: nn.Module, pdims: ParallelDims, dcfg, precision: str) -> N
     fully_shard(model, reshard_after_forward=reshard, **kw)
 
 
-def parallelize_model(model: nn.Module, pdims: ParallelDims, cfg) -> nn.Module:
+def parallelize_model(model: nn.Module, pdims: ParallelDims, cfg,
+                      init_fn: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """Apply (pipeline split →) TP → activation checkpointing → compile → data parallel. Returns the module
     to train: the same object, the ``DistributedDataParallel`` wrapper (ddp/zero1), or this rank's
-    ``PipelineStageModule`` when ``pp > 1`` (then drive it with ``pipeline.build_schedule``)."""
+    ``PipelineStageModule`` when ``pp > 1`` (then drive it with ``pipeline.build_schedule``).
+    ``init_fn(module)`` materialises a meta-built model after sharding (before the DDP wrap, which
+    broadcasts rank 0's weights)."""
+    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
+
     dcfg, tcfg = cfg.distributed, cfg.training
     if pdims.pp > 1:
         from lmforge.distributed.pipeline import split_for_pipeline
@@ -125,13 +120,16 @@ def parallelize_model(model: nn.Module, pdims: ParallelDims, cfg) -> nn.Module:
                               "supported (DDP cannot hold DTensor params); use zero2 or zero3")
         apply_tp(model, pdims.mesh("tp"))
     if tcfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, every=tcfg.ac_every, selective=tcfg.ac_selective)
     if tcfg.compile:
-        apply_compile(model)
+        apply_compile(model, cache_dir=tcfg.compile_cache_dir)
+    fsdp = pdims.dp > 1 and dcfg.strategy in ("zero2", "zero3")
+    if fsdp:
+        apply_fsdp(model, pdims, dcfg, tcfg.precision)
+    if init_fn is not None:
+        init_fn(model)
     if pdims.dp > 1:
-        if dcfg.strategy in ("zero2", "zero3"):
-            apply_fsdp(model, pdims, dcfg, tcfg.precision)
-        else:
+        if not fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             dev = [pdims.device.index] if pdims.device.type == "cuda" else None
@@ -148,11 +146,13 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, pdims: ParallelDims, cfg) 
         return optimizer
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    groups = [{k: v for k, v in g.items() if k != "initial_lr"} for g in optimizer.param_groups]
+    # per-rank partitions cannot keep the full groups' parameter-name lists
+    groups = [{k: v for k, v in g.items() if k not in ("initial_lr", "param_names")} for g in optimizer.param_groups]
     first = groups[0]
-    defaults = {k: v for k, v in first.items() if k != "params"}
+    defaults = {k: v for k, v in first.items() if k not in ("params", "name")}
     zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=type(optimizer),
                                    process_group=pdims.group("dp"), **defaults)
+    zero.param_groups[0].update({k: v for k, v in first.items() if k == "name"})
     for g in groups[1:]:
         zero.add_param_group(g)
     return zero

@@ -1,4 +1,4 @@
-"""Crash-safe single-process checkpoints.
+"""Crash-safe checkpoints (single-process format; multi-process runs: ``checkpoint_sharded``).
 
 Layout of ``run_dir/checkpoints/step_0000100/``: ``model.safetensors`` (weights, canonical names),
 ``state.pt`` (optimizer, scheduler, RNG of torch/numpy/python/cuda, loader state, trainer counters),
@@ -207,8 +207,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> dict:
-    """Weights only (for inference/export): checks the marker and the weights file's sha256. ``path`` may also
-    be a bare ``.safetensors`` file. Returns the manifest (empty for a bare file)."""
+    """Weights only (for inference/export): checks the marker and the weights file's sha256 (every file's for
+    a multi-process checkpoint). ``path`` may also be a bare ``.safetensors`` file. Returns the manifest
+    (empty for a bare file)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -218,6 +219,12 @@ def load_model_weights(path: str | Path, model: nn.Module) -> dict:
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: no {MARKER} marker (the save did not finish)")
     manifest = read_manifest(path)
+    if manifest.get("format") == "dcp":  # written by a multi-process run: any layout loads into one process
+        from lmforge.training import checkpoint_sharded
+
+        checkpoint_sharded.verify_everywhere(path)
+        checkpoint_sharded.load_weights(path, model)
+        return manifest
     f = path / "model.safetensors"
     info = manifest["files"].get("model.safetensors")
     if not f.is_file() or info is None or _sha256(f) != info["sha256"]:

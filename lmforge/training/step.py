@@ -69,12 +69,12 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device: to
 
 def grad_norm_and_clip(params: Iterable[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
     """Global L2 norm of all grads (device tensor); grads scaled in place to ``max_norm`` when set."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad], norm_type=2.0, foreach=True)
+    if max_norm is not None:  # takes the parameters (it scales their .grad), not the grads themselves
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm, foreach=True)
     return norm
 
 

@@ -12,135 +12,112 @@ stream and the lr stay aligned with an uninterrupted run. Loss/throughput are re
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmforge.config import Config, ConfigError, save_config
 from lmforge.training import checkpoint as ckpt
 from lmforge.training.guards import EarlyStopper, SignalCatcher, SpikeDetector
 from lmforge.training.metrics import MetricsLogger, peak_flops
-from lmforge.training.optim import build_optimizer
-from lmforge.training.precision import MasterWeights, make_loss_scaler
-from lmforge.training.schedule import build_scheduler
+from lmforge.training.setup import (build_parts, check_distributed, device_for, make_loaders, open_data,
+                                    resolve_model_cfg, seed_everything)
 from lmforge.training.step import accumulate_gradients, count_valid_tokens, evaluate, grad_norm_and_clip
+
+_open_data, _resolve_model_cfg = open_data, resolve_model_cfg  # names other engines import
 
 
 def resolve_device(want: str) -> torch.device:
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("training.device=cuda but CUDA is not available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from lmforge.distributed.mesh import ParallelDims
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _open_data(cfg: Config):
-    from lmforge.data.loader import TokenShards
-
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set (a folder written by `lmforge data prepare`)")
-    if not (Path(cfg.data.path) / "manifest.json").is_file():
-        raise ConfigError(f"data.path={cfg.data.path}: no manifest.json there (run `lmforge data prepare`)")
-    train = TokenShards(cfg.data.path, "train")
-    val = None
-    if cfg.training.eval_every >= 0:
-        try:
-            val = TokenShards(cfg.data.path, "val")
-            if len(val) <= cfg.data.seq_len:
-                val = None
-        except KeyError:
-            val = None
-    return train, val
-
-
-def _resolve_model_cfg(cfg: Config, train_shards) -> None:
-    data_vocab = train_shards.vocab_size
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = data_vocab
-    elif cfg.model.vocab_size < data_vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer "
-                          f"vocabulary ({data_vocab}, {cfg.data.path}/manifest.json)")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-
-
-def _wrap_model(model, tc) -> None:
-    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
-
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model, every=tc.ac_every, selective=tc.ac_selective)
-    if tc.compile:
-        apply_compile(model, cache_dir=tc.compile_cache_dir)
+    return device_for(ParallelDims(1, 1, 1, 1, 1), want)
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training as configured; returns the summary also written to ``summary.json``."""
+    """Run (or resume) training as configured; returns the summary also written to ``summary.json``. Under
+    torchrun every rank calls this; world size 1 without a launcher is the plain single-process run."""
+    from lmforge.distributed.mesh import destroy_distributed, init_distributed
+
+    pdims = init_distributed(cfg)
+    try:
+        summary = _train(cfg, pdims)
+    except BaseException:
+        destroy_distributed(abort=True)
+        raise
+    destroy_distributed()
+    return summary
+
+
+def _train(cfg: Config, pdims) -> dict:
     t_start = time.time()
     cfg = cfg.model_copy(deep=True)
     tc, cc = cfg.training, cfg.checkpoint
+    dist_run, main = pdims.is_distributed, pdims.is_rank0
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
-    train_shards, val_shards = _open_data(cfg)
-    _resolve_model_cfg(cfg, train_shards)
+    device = device_for(pdims, tc.device)
+    train_shards, val_shards = open_data(cfg)
+    resolve_model_cfg(cfg, train_shards)
+    check_distributed(cfg, pdims)
     seed_everything(tc.seed)
-    from lmforge.models import build_model
-
-    model = build_model(cfg.model, device=device, seed=tc.seed)
-    master = MasterWeights.maybe(model, tc)
-    _wrap_model(model, tc)
-    optimizer = build_optimizer(master.model_for_optimizer() if master else model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, tc.max_steps)
-    scaler = make_loss_scaler(tc)
-    from lmforge.data.loader import RandomWindowLoader, SequentialEvalLoader
-
-    loader = RandomWindowLoader(train_shards, cfg.data.seq_len, tc.micro_batch_size, seed=tc.seed,
-                                doc_mask=cfg.data.doc_mask)
+    parts = build_parts(cfg, pdims, device)
+    model, optimizer, scheduler, scaler, master = (parts.model, parts.optimizer, parts.scheduler, parts.scaler,
+                                                   parts.master)
+    loader = make_loaders(cfg, pdims, train_shards)
     counters = {"step": 0, "tokens": 0, "skipped": 0, "bad_streak": 0, "elapsed_s": 0.0}
     early = EarlyStopper.from_config(tc)
-    resumed_from = _maybe_resume(cfg, run_dir, model, optimizer, scheduler, loader, counters, early, scaler,
-                                 master, device)
-    saved = cfg.model_copy(deep=True)
-    saved.training.stop_at_step = None  # a per-invocation stop, not part of the run's definition
-    save_config(saved, run_dir / "config.yaml")
-    log = MetricsLogger(run_dir, tc.max_steps, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                        resume_step=counters["step"])
+    resumed_from = _maybe_resume(cfg, run_dir, parts, loader, counters, early, device)
+    if main:
+        saved = cfg.model_copy(deep=True)
+        saved.training.stop_at_step = None  # a per-invocation stop, not part of the run's definition
+        save_config(saved, run_dir / "config.yaml")
+    log = MetricsLogger(run_dir, tc.max_steps, is_main=main, tensorboard=cfg.logging.tensorboard,
+                        progress=cfg.logging.progress, resume_step=counters["step"])
     if resumed_from:
         log.message(f"resumed from {resumed_from} at step {counters['step']}")
+    if dist_run:
+        log.message(f"distributed: world {pdims.world_size}, strategy {pdims.strategy}, dp_replicate "
+                    f"{pdims.dp_replicate} × dp_shard {pdims.dp_shard} × tp {pdims.tp} × pp {pdims.pp}")
     compute_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(tc.precision, torch.bfloat16)
-    peak = peak_flops(device, compute_dtype)
-    flops_tok = model.flops_per_token(cfg.data.seq_len)
-    params = [p for p in model.parameters() if p.requires_grad]
+    peak = peak_flops(device, compute_dtype) * pdims.world_size if main else 1.0
+    flops_tok = parts.base.flops_per_token(cfg.data.seq_len)
+    params = parts.params
     spikes = SpikeDetector(tc.spike_factor)
 
     def run_eval(step: int) -> dict:
         if val_shards is None:
             return {}
+        from lmforge.data.loader import SequentialEvalLoader
+
         batches = SequentialEvalLoader(val_shards, cfg.data.seq_len, tc.micro_batch_size, tc.eval_batches,
-                                       doc_mask=cfg.data.doc_mask)
-        res = evaluate(model, batches, device, tc.precision)
+                                       rank=pdims.dp_rank, world_size=pdims.dp, doc_mask=cfg.data.doc_mask)
+        if dist_run:
+            from lmforge.training.dist_step import dist_evaluate
+
+            res = dist_evaluate(parts, batches, pdims, tc)
+        else:
+            res = evaluate(model, batches, device, tc.precision)
         if res:
             log.log({"step": step, **res})
         return res
 
     def save(step: int, metrics: dict) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                 "loader": loader.state_dict(), "trainer": dict(counters, elapsed_s=elapsed()),
-                 "early_stop": early.state_dict() if early else None,
-                 "scaler": scaler.state_dict() if scaler else None,
-                 "master": master.state_dict() if master else None}
-        return ckpt.save_checkpoint(run_dir, step, model, state, metrics=metrics, keep_last=cc.keep_last,
-                                    keep_best=cc.keep_best, best_metric=cc.best_metric, best_mode=cc.best_mode)
+        shared = {"scheduler": scheduler.state_dict(), "trainer": dict(counters, elapsed_s=elapsed()),
+                  "early_stop": early.state_dict() if early else None,
+                  "scaler": scaler.state_dict() if scaler else None}
+        keep = dict(keep_last=cc.keep_last, keep_best=cc.keep_best, best_metric=cc.best_metric,
+                    best_mode=cc.best_mode)
+        if dist_run:
+            from lmforge.training.checkpoint_sharded import save_sharded
+
+            own = {"rng": ckpt.rng_state(), "loader": loader.state_dict()}
+            return save_sharded(run_dir, step, model, optimizer, shared, own, pdims, metrics=metrics, **keep)
+        state = {"optimizer": optimizer.state_dict(), "scheduler": shared["scheduler"], "rng": ckpt.rng_state(),
+                 "loader": loader.state_dict(), "trainer": shared["trainer"], "early_stop": shared["early_stop"],
+                 "scaler": shared["scaler"], "master": master.state_dict() if master else None}
+        return ckpt.save_checkpoint(run_dir, step, model, state, metrics=metrics, **keep)
 
     base_elapsed = counters["elapsed_s"]
 
@@ -155,24 +132,36 @@ def train(cfg: Config) -> dict:
     win_tok, win_t0 = 0, time.perf_counter()
     model.train()
     catcher = SignalCatcher()
+    summary: dict = {}
     try:
         with catcher:
             while counters["step"] < tc.max_steps and stop_reason == "max_steps":
                 step = counters["step"]
                 micro = [loader.next_batch() for _ in range(tc.grad_accum_steps)]
-                ntok = count_valid_tokens(micro)
                 lr = scheduler.get_last_lr()[0]
-                loss_sum = accumulate_gradients(model, micro, device, total_tokens=ntok, precision=tc.precision,
-                                                loss_scale=scaler.scale if scaler else 1.0)
-                if master:
-                    master.grads_to_master()
-                opt_params = master.master_params if master else params
-                if scaler:
-                    finite = scaler.unscale_(opt_params)
-                    norm = grad_norm_and_clip(opt_params, tc.grad_clip) if finite else torch.tensor(math.inf)
+                budget_hit = tc.max_minutes is not None and time.time() - t_start >= tc.max_minutes * 60
+                caught = catcher.caught
+                if dist_run:  # all ranks agree on finite / budget / signal in one all-reduce
+                    from lmforge.training.dist_step import dist_train_step
+
+                    res = dist_train_step(parts, micro, pdims, tc, want_stop_budget=budget_hit,
+                                          caught_signal=bool(caught))
+                    ntok, loss_sum, norm, finite = res.ntok, res.loss_sum, res.norm, res.finite
+                    budget_hit, caught = res.stop_budget, (caught or "SIGTERM") if res.signal else None
                 else:
-                    norm = grad_norm_and_clip(opt_params, tc.grad_clip)
-                    finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # the one per-step sync
+                    ntok = count_valid_tokens(micro)
+                    loss_sum = accumulate_gradients(model, micro, device, total_tokens=ntok,
+                                                    precision=tc.precision,
+                                                    loss_scale=scaler.scale if scaler else 1.0)
+                    if master:
+                        master.grads_to_master()
+                    opt_params = master.master_params if master else params
+                    if scaler:
+                        finite = scaler.unscale_(opt_params)
+                        norm = grad_norm_and_clip(opt_params, tc.grad_clip) if finite else torch.tensor(math.inf)
+                    else:
+                        norm = grad_norm_and_clip(opt_params, tc.grad_clip)
+                        finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # the one per-step sync
                 if finite:
                     optimizer.step()
                     if master:
@@ -227,14 +216,16 @@ def train(cfg: Config) -> dict:
                     if early and early.update(metrics or {}):
                         stop_reason = "early_stop"
                         log.message(f"early stopping: {early.describe()}")
-                budget_hit = tc.max_minutes is not None and time.time() - t_start >= tc.max_minutes * 60
+                if not dist_run:
+                    budget_hit = tc.max_minutes is not None and time.time() - t_start >= tc.max_minutes * 60
+                    caught = catcher.caught
                 stop_here = tc.stop_at_step is not None and step >= tc.stop_at_step
                 if budget_hit and stop_reason == "max_steps":
                     stop_reason = "time_budget"
                 if stop_here and stop_reason == "max_steps":
                     stop_reason = "stop_at_step"
-                if catcher.caught and stop_reason == "max_steps":
-                    stop_reason = f"signal_{catcher.caught}"
+                if caught and stop_reason == "max_steps":
+                    stop_reason = f"signal_{caught}"
                 if stop_reason != "max_steps" and stop_reason != "non_finite":
                     if stop_reason == "time_budget" and not metrics:  # a finished run reports val loss
                         metrics = last_eval = run_eval(step)
@@ -247,45 +238,92 @@ def train(cfg: Config) -> dict:
             last_eval = run_eval(step)
             last_saved = save(step, last_eval)
         if stop_reason != "non_finite":
-            ckpt.export_safetensors(model, run_dir / "model.safetensors", {"step": step})
+            _export(model, run_dir, step, pdims, last_saved, cfg.model.tie_embeddings)
         summary = {"stop_reason": stop_reason, "steps": step, "tokens": counters["tokens"],
                    "skipped_steps": counters["skipped"], "elapsed_s": elapsed(),
                    "final_checkpoint": str(last_saved) if last_saved else None, "resumed_from": resumed_from,
                    **{k: v for k, v in last_eval.items()}}
-        if catcher.caught:
-            log.message(f"stopped by {catcher.caught} after step {step}; checkpoint {last_saved}. "
+        if dist_run:
+            summary["world_size"] = pdims.world_size
+        if catcher.caught or stop_reason.startswith("signal_"):
+            log.message(f"stopped by {catcher.caught or stop_reason[7:]} after step {step}; checkpoint {last_saved}. "
                         f"Resume with: lmforge train --config {run_dir / 'config.yaml'} --resume auto")
     finally:
         log.close()
-    from lmforge.training.report import finish_run
+    if main:
+        from lmforge.training.report import finish_run
 
-    finish_run(cfg, run_dir, summary)
+        finish_run(cfg, run_dir, summary)
     return summary
 
 
-def _maybe_resume(cfg: Config, run_dir: Path, model, optimizer, scheduler, loader, counters: dict, early, scaler,
-                  master, device) -> str | None:
+def _export(model, run_dir: Path, step: int, pdims, last_saved, tied: bool) -> None:
+    """Final ``model.safetensors``: the live weights, or (multi-process) rank 0 merges the last checkpoint."""
+    if not pdims.is_distributed:
+        ckpt.export_safetensors(model, run_dir / "model.safetensors", {"step": step})
+        return
+    if pdims.is_rank0 and last_saved is not None:
+        from lmforge.training.checkpoint_sharded import export_from_checkpoint
+
+        export_from_checkpoint(last_saved, run_dir / "model.safetensors", tied=tied)
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _maybe_resume(cfg: Config, run_dir: Path, parts, loader, counters: dict, early, device) -> str | None:
     spec = cfg.checkpoint.resume
     if not spec:
         return None
-    if spec == "auto":
-        path, state = ckpt.load_latest(run_dir, model, map_location=device)
+    path = None if spec == "auto" else Path(spec)
+    if path is not None and not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={spec}: no such checkpoint folder")
+    single = not parts.model_is_sharded
+    if single and (path is None or not _is_dcp(path)):
+        if path is None:  # the original single-process path (bitwise resume)
+            newest = ckpt.find_latest(run_dir)
+            if newest is not None and _is_dcp(newest):
+                return _resume_any(run_dir, None, parts, loader, counters, early, device)
+            path, state = ckpt.load_latest(run_dir, parts.model, map_location=device)
+            if path is None:
+                return None
+        else:
+            state = ckpt.load_checkpoint(path, parts.model, map_location=device)
+        parts.optimizer.load_state_dict(state["optimizer"])
+        if parts.master and state.get("master"):
+            parts.master.load_state_dict(state["master"])
+        _restore_rest(state, parts, loader, counters, early)
+        return str(path)
+    return _resume_any(run_dir, path, parts, loader, counters, early, device)
+
+
+def _is_dcp(path: Path) -> bool:
+    try:
+        return ckpt.read_manifest(path).get("format") == "dcp"
+    except ckpt.CheckpointError:
+        return False
+
+
+def _resume_any(run_dir: Path, path, parts, loader, counters: dict, early, device) -> str | None:
+    """Any checkpoint format into any world size (collective when distributed)."""
+    from lmforge.training import checkpoint_sharded as shard
+
+    if path is None:
+        path, state = shard.load_latest_any(run_dir, parts.model, parts.optimizer, parts.master, device)
         if path is None:
             return None
     else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.resume={spec}: no such checkpoint folder")
-        state = ckpt.load_checkpoint(path, model, map_location=device)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+        state = shard.load_any(path, parts.model, parts.optimizer, parts.master, device)
+    _restore_rest(state, parts, loader, counters, early)
+    return str(path)
+
+
+def _restore_rest(state: dict, parts, loader, counters: dict, early) -> None:
+    parts.scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
     counters.update(state["trainer"])
     if early and state.get("early_stop"):
         early.load_state_dict(state["early_stop"])
-    if scaler and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if master and state.get("master"):
-        master.load_state_dict(state["master"])
+    if parts.scaler and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
-    return str(path)
