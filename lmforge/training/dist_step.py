@@ -41,6 +41,11 @@ def _world_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _pipeline_ce(parts) -> float:
+    """Summed CE of the last pipeline step (the first step's shape inference also calls the loss: skip it)."""
+    return sum(float(c) for c in parts.pp_state["ce"][-parts.schedule._n_microbatches:])
+
+
 def _loss_share(parts, pdims, ce_sum: torch.Tensor | float) -> float:
     """This rank's share of the world sum: tp peers each hold the same loss, only the last stage has one."""
     if pdims.pp > 1 and not pdims.is_last_stage:
@@ -64,7 +69,7 @@ def dist_train_step(parts, micro: list[dict], pdims, tc, *, want_stop_budget: bo
         parts.pp_state.update(scale=loss_scale * pdims.dp / max(ntok, 1), ce=[])
         with autocast_ctx(device, tc.precision):
             pipeline_step(parts.schedule, pdims, x_BT.to(device), y_BT.to(device))
-        ce_sum = sum(float(c) for c in parts.pp_state["ce"])
+        ce_sum = _pipeline_ce(parts)
     else:
         ce_sum = accumulate_gradients(parts.model, micro, device, total_tokens=ntok, precision=tc.precision,
                                       loss_scale=loss_scale * pdims.dp,
@@ -120,7 +125,7 @@ def dist_evaluate(parts, batches, pdims, tc) -> dict:
                     parts.schedule.eval(x_BT, target=y_BT if pdims.is_last_stage else None)
                 else:
                     parts.schedule.eval(target=y_BT if pdims.is_last_stage else None)
-            totals[0] += sum(float(c) for c in parts.pp_state["ce"])
+            totals[0] += _pipeline_ce(parts)
             totals[1] += float(count_valid_tokens([batch]))
     finally:
         model.train(was_training)

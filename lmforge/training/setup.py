@@ -160,7 +160,8 @@ def _pipeline_schedule(parts: Parts, pdims, cfg):
     def loss_fn(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE,
                              reduction="sum")
-        st["ce"].append(ce.detach())
+        if not ce.is_meta:  # the schedule's first step also runs shape inference on meta tensors
+            st["ce"].append(ce.detach())
         return ce * st["scale"]
 
     return build_schedule(parts.model, pdims, cfg, loss_fn)
