@@ -130,8 +130,13 @@ class ParallelDims:
         return self.world_mesh[name]
 
     def group(self, name: str):
-        """Process group of a 1-D mesh dim, or None when single-process."""
-        return None if self.world_mesh is None else self.world_mesh[name].get_group()
+        """Process group of a 1-D mesh dim, or None when single-process (cached: called every step)."""
+        if self.world_mesh is None:
+            return None
+        cache = self.__dict__.setdefault("_groups", {})
+        if name not in cache:
+            cache[name] = self.world_mesh[name].get_group()
+        return cache[name]
 
 
 # ---------------------------------------------------------------------------------------------
