@@ -74,6 +74,8 @@ class DataConfig(Section):
     path: Optional[str] = Field(None, description="folder holding manifest.json and the token shards")
     seq_len: int = Field(256, ge=2)
     doc_mask: bool = Field(False, description="carry document-boundary masks in each batch")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="training.objective=mlm: share of tokens masked")
+    mask_token: Optional[str] = Field(None, description="mlm mask token (None: <|mask|>, [MASK] or <mask>)")
 
 
 class OptimizerConfig(Section):
@@ -107,6 +109,8 @@ class SchedulerConfig(Section):
 
 
 class TrainingConfig(Section):
+    objective: Optional[Literal["clm", "mlm"]] = Field(
+        None, description="clm: next-token (decoders); mlm: masked LM (encoders); None: from model.arch")
     max_steps: int = Field(1000, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
@@ -200,6 +204,18 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _objective_fits_arch(self) -> "Config":
+        encoder = self.model.arch == "bert"
+        if self.training.objective is None:  # resolved here so the saved config states it
+            object.__setattr__(self.training, "objective", "mlm" if encoder else "clm")
+        if self.training.objective == "mlm" and not encoder:
+            raise ValueError(f"training.objective=mlm needs an encoder (model.arch=bert), got model.arch="
+                             f"{self.model.arch}")
+        if self.training.objective == "clm" and encoder:
+            raise ValueError("model.arch=bert is an encoder: set training.objective=mlm")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

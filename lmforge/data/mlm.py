@@ -1,0 +1,85 @@
+"""Masked-language-model batches from packed token windows (``training.objective: mlm``).
+
+Wraps the causal window loaders: each window's tokens become the encoder input, and the data pipeline's
+``MLMCollator`` masks them (15% of non-special tokens; 80% mask token / 10% random / 10% unchanged).
+The masking generator is seeded from (seed, position in the sample stream, rank), so a batch is a pure
+function of the loader state and resume stays exact with no extra RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from lmforge.config import ConfigError
+from lmforge.data.tasks import MLMCollator
+
+MASK_TOKENS = ("<|mask|>", "[MASK]", "<mask>")
+
+
+def find_mask_id(tokenizer, wanted: str | None = None) -> int:
+    names = (wanted,) if wanted else MASK_TOKENS
+    for name in names:
+        tid = tokenizer.token_to_id(name)
+        if tid is not None:
+            return tid
+    raise ConfigError(
+        f"training.objective=mlm needs a mask token in the tokenizer (looked for {', '.join(names)}); "
+        f"add it to the prepare config's tokenizer.special_tokens, e.g. [\"<|endoftext|>\", \"<|pad|>\", \"<|mask|>\"]")
+
+
+def _collator(tokenizer, mask_id: int, prob: float, vocab_size: int) -> MLMCollator:
+    specials = [i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None]
+    return MLMCollator(mask_id=mask_id, vocab_size=vocab_size, pad_id=tokenizer.pad_id if tokenizer.pad_id
+                       is not None else mask_id, special_ids=specials, prob=prob)
+
+
+def _masked(batch: dict, collator: MLMCollator, seed: list[int]) -> dict:
+    collator.gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]))
+    inputs_BT, labels_BT = collator.mask(batch["input_ids"])
+    out = {"input_ids": inputs_BT, "labels": labels_BT}
+    if "doc_ids" in batch:
+        out["doc_ids"] = batch["doc_ids"]
+    return out
+
+
+class MLMLoader:
+    """Train loader: ``RandomWindowLoader`` windows, masked; ``state_dict`` is the wrapped loader's."""
+
+    def __init__(self, base, tokenizer, mask_id: int, prob: float, vocab_size: int, seed: int, rank: int = 0):
+        self.base, self.seed, self.rank = base, seed, rank
+        self.collator = _collator(tokenizer, mask_id, prob, vocab_size)
+
+    def next_batch(self) -> dict:
+        position = self.base.samples
+        return _masked(self.base.next_batch(), self.collator, [self.seed, position, self.rank])
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+
+    def __getattr__(self, name):  # step, samples, ... of the wrapped loader
+        return getattr(self.base, name)
+
+
+class MLMEvalLoader:
+    """Eval loader: the same fixed windows as ``SequentialEvalLoader`` with the same masks every time."""
+
+    def __init__(self, base, tokenizer, mask_id: int, prob: float, vocab_size: int, seed: int, rank: int = 0):
+        self.base, self.seed, self.rank = base, seed, rank
+        self.collator = _collator(tokenizer, mask_id, prob, vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, batch in enumerate(self.base):
+            yield _masked(batch, self.collator, [self.seed, 1 << 40, i, self.rank])
