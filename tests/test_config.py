@@ -105,3 +105,14 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(out)
     assert config_to_dict(again) == config_to_dict(cfg)
     assert yaml.safe_load(out.read_text())["model"]["d_model"] == 64
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md is generated from the schema; regenerate with `lmforge config --reference > docs/config.md`."""
+    from pathlib import Path
+
+    from lmforge.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text(encoding="utf-8").strip() == reference_markdown().strip(), \
+        "docs/config.md is stale: run `lmforge config --reference > docs/config.md`"
