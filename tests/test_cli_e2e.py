@@ -22,7 +22,8 @@ def lmforge(*args, cwd=None, timeout=300):
 def test_help_lists_every_command():
     r = lmforge("--help")
     assert r.returncode == 0
-    for cmd in ("quickstart", "train", "generate", "config", "data", "estimate", "checkpoint", "hf"):
+    for cmd in ("quickstart", "train", "generate", "config", "data", "finetune", "evaluate", "estimate",
+                "checkpoint", "hf"):
         assert cmd in r.stdout, cmd
 
 
