@@ -83,3 +83,18 @@ class MLMEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         for i, batch in enumerate(self.base):
             yield _masked(batch, self.collator, [self.seed, 1 << 40, i, self.rank])
+
+
+def mlm_loaders_for(cfg, train_loader=None, eval_batches=None, rank: int = 0):
+    """Wrap the trainer's window loaders when ``training.objective == "mlm"`` (otherwise return them as is)."""
+    if cfg.training.objective != "mlm":
+        return train_loader if eval_batches is None else eval_batches
+    from pathlib import Path
+
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+    args = (tok, find_mask_id(tok, cfg.data.mask_token), cfg.data.mlm_probability, cfg.model.vocab_size)
+    if eval_batches is not None:
+        return MLMEvalLoader(eval_batches, *args, seed=cfg.training.seed, rank=rank)
+    return MLMLoader(train_loader, *args, seed=cfg.training.seed, rank=rank)

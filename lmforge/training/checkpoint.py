@@ -85,7 +85,7 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out, seen = {}, {}
     for k, v in sd.items():
         k = k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), v.shape, v.dtype)
+        key = _storage_key(v)
         if key in seen:
             continue  # tied weight (e.g. output.weight is tok_embeddings.weight)
         seen[key] = k
@@ -93,24 +93,25 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _storage_key(v: torch.Tensor) -> tuple:
+    return (v.untyped_storage().data_ptr(), v.storage_offset(), v.shape, v.dtype)
+
+
 def load_model_state(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
     own = model.state_dict()
     canon = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): k for k in own}
+    stored = {_storage_key(own[canon[ck]]) for ck in canon if ck in sd}
     missing = []
     with torch.no_grad():
         for ck, real in canon.items():
             if ck in sd:
                 own[real].copy_(sd[ck])
-            elif not _is_tied_alias(model, ck):
+            elif _storage_key(own[real]) not in stored:  # a tied alias (e.g. output.weight) is stored once
                 missing.append(ck)
     unexpected = sorted(set(sd) - set(canon))
     if missing or unexpected:
         raise CheckpointError(f"{path}: model weights do not match this model (missing: {missing[:5]}, "
                               f"unexpected: {unexpected[:5]}); was it saved with a different model config?")
-
-
-def _is_tied_alias(model: nn.Module, key: str) -> bool:
-    return key == "output.weight" and getattr(getattr(model, "cfg", None), "tie_embeddings", False)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any],

@@ -169,9 +169,12 @@ def _pipeline_schedule(parts: Parts, pdims, cfg):
 
 def make_loaders(cfg: Config, pdims, train_shards):
     from lmforge.data.loader import RandomWindowLoader
+    from lmforge.data.mlm import mlm_loaders_for
 
-    return RandomWindowLoader(train_shards, cfg.data.seq_len, cfg.training.micro_batch_size, seed=cfg.training.seed,
-                              rank=pdims.dp_rank, world_size=pdims.dp, doc_mask=cfg.data.doc_mask)
+    loader = RandomWindowLoader(train_shards, cfg.data.seq_len, cfg.training.micro_batch_size,
+                                seed=cfg.training.seed, rank=pdims.dp_rank, world_size=pdims.dp,
+                                doc_mask=cfg.data.doc_mask)
+    return mlm_loaders_for(cfg, train_loader=loader, rank=pdims.dp_rank)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

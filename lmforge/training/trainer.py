@@ -90,9 +90,11 @@ def _train(cfg: Config, pdims) -> dict:
         if val_shards is None:
             return {}
         from lmforge.data.loader import SequentialEvalLoader
+        from lmforge.data.mlm import mlm_loaders_for
 
         batches = SequentialEvalLoader(val_shards, cfg.data.seq_len, tc.micro_batch_size, tc.eval_batches,
                                        rank=pdims.dp_rank, world_size=pdims.dp, doc_mask=cfg.data.doc_mask)
+        batches = mlm_loaders_for(cfg, eval_batches=batches, rank=pdims.dp_rank)
         if dist_run:
             from lmforge.training.dist_step import dist_evaluate
 
