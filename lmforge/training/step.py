@@ -35,6 +35,15 @@ def count_valid_tokens(micro_batches: list[dict]) -> int:
     return int(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches))
 
 
+def _fused_loss_ok(model: nn.Module) -> bool:
+    """A decoder's own ``loss`` (fused head + cross-entropy) is used on an unwrapped model only: DDP and
+    FSDP2 run their hooks through ``forward``, which ``loss`` would bypass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return callable(getattr(model, "loss", None)) and getattr(getattr(model, "cfg", None), "arch", None) in (
+        "llama", "gpt2") and not isinstance(model, (FSDPModule, nn.parallel.DistributedDataParallel))
+
+
 def micro_loss_sum(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed next-token CE over the micro-batch's valid targets (fp32)."""
     tokens_BT = batch["input_ids"].to(device, non_blocking=True)
@@ -42,6 +51,8 @@ def micro_loss_sum(model: nn.Module, batch: dict, device: torch.device) -> torch
     doc_ids_BT = batch.get("doc_ids")
     if doc_ids_BT is not None:
         doc_ids_BT = doc_ids_BT.to(device, non_blocking=True)
+    if _fused_loss_ok(model):  # never materialises the [B·T, V] logits
+        return model.loss(tokens_BT, labels_BT, doc_ids_BT, ignore_index=IGNORE, reduction="sum")
     logits_BTV = model(tokens_BT, doc_ids_BT) if doc_ids_BT is not None else model(tokens_BT)
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE,
                            reduction="sum")
