@@ -46,7 +46,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     console = Console(stderr=False)
     cfg = load_prepare_config(args.config, _prepare_overrides(args, extra))
     try:
-        manifest = prepare(cfg, console=console)
+        manifest = prepare(cfg, console=console, force=args.force)
     except BadInput as e:
         raise ConfigError(f"bad input (strict mode): {e}") from None
     console.print(summary_table(manifest))
@@ -103,6 +103,7 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, help="vocab size of the trained tokenizer")
     p.add_argument("--workers", type=int, help="tokenizer processes")
     p.add_argument("--strict", action="store_true", help="fail on the first bad input, naming file and line")
+    p.add_argument("--force", action="store_true", help="redo everything even if the output is up to date")
     p.set_defaults(func=cmd_prepare)
 
     i = dsub.add_parser("inspect", help="manifest summary, token histogram and decoded sample windows")

@@ -5,7 +5,9 @@ Stages, each resumable:
      ``_staging/docs.jsonl.zst`` (renamed into place when complete, with ``stage1.json`` stats);
   2. tokenizer: load ``tokenizer.path`` or train on the staged text (saved in ``_staging``);
   3. pack: ``pack_documents`` (finished shards of an interrupted run are kept).
-A rerun with the same config skips finished stages; any config change redoes them.
+A rerun after an interruption skips finished stages. A rerun after a completed run checks the
+recorded inputs (config + input files' size/mtime, ``fingerprint.py``): unchanged → "up to date", no
+work; changed → redone, saying why. ``force=True`` always redoes everything.
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from lmforge.data.clean import Cleaner
 from lmforge.data.config import PrepareConfig
 from lmforge.data.dedup import Deduplicator
-from lmforge.data.pack import _atomic_write_json, pack_documents
+from lmforge.data.fingerprint import digest, explain_change, inputs_of, outputs_intact
+from lmforge.data.pack import _atomic_write_json, _clear_outputs, pack_documents
 from lmforge.data.sources import SkipLog, interleave, iter_source
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 STAGING = "_staging"
 
 
-def _fingerprint(cfg: PrepareConfig) -> str:
+def _fingerprint(cfg: PrepareConfig, files: list) -> str:
+    """What the staged text depends on: sources, cleaning, dedup, strictness, seed and the input files."""
     parts = cfg.model_dump(mode="json", include={"sources", "clean", "dedup", "strict"})
     parts["seed"] = cfg.output.seed
+    parts["files"] = files
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,20 +116,56 @@ def _tokenizer(cfg: PrepareConfig, staging: Path, docs_path: Path) -> Tokenizer:
     return tok
 
 
-def prepare(cfg: PrepareConfig, console=None) -> dict:
-    """Run all stages; returns the manifest (with a ``prepare`` section of stats)."""
+def _previous(out: Path, inputs: dict, force: bool) -> tuple[Optional[dict], list[str]]:
+    """(manifest, []) when a completed output matches ``inputs``; else (None, reasons to redo)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return None, []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        problem = outputs_intact(out, old)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, [f"{path} is unreadable ({e})"]
+    if force:
+        return None, ["--force"]
+    reasons = explain_change(old.get("prepare", {}).get("inputs"), inputs)
+    if not reasons and problem:
+        reasons = [problem]
+    return (old, []) if not reasons else (None, reasons)
+
+
+def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
+    """Run all stages; returns the manifest (with a ``prepare`` section of stats).
+
+    A completed output with the same inputs is returned as is (``manifest["prepare"]["up_to_date"]``);
+    ``force`` redoes everything.
+    """
     t0 = time.time()
     out = Path(cfg.output.dir)
+    inputs = inputs_of(cfg)
+    done, reasons = _previous(out, inputs, force)
+    if done is not None:
+        if console:
+            console.print(f"[bold green]up to date[/]: {out} was built from this config and these input files "
+                          f"(unchanged sizes/mtimes); nothing to do (--force to redo)")
+        done.setdefault("prepare", {})["up_to_date"] = True
+        return done
     staging = out / STAGING
+    if reasons:
+        if console:
+            console.print(f"[bold yellow]redoing[/] {out}: " + "; ".join(reasons), highlight=False)
+        _clear_outputs(out)
+        shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
     docs_path = staging / "docs.jsonl.zst"
     stage1_path = staging / "stage1.json"
-    fp = _fingerprint(cfg)
+    fp = _fingerprint(cfg, inputs["files"])
     stage1 = json.loads(stage1_path.read_text()) if stage1_path.is_file() else None
     resumed_stage1 = bool(stage1 and stage1.get("fingerprint") == fp and docs_path.is_file())
     if not resumed_stage1:
         for f in staging.iterdir():
             f.unlink()
+        _clear_outputs(out)  # shards of an interrupted pack came from other staged text
         if console:
             console.print(f"[bold]stage 1/3[/] reading, cleaning and deduplicating {len(cfg.sources)} source(s)")
         stage1 = {"fingerprint": fp, "seconds": 0.0, **stage_text(cfg, staging)}
@@ -145,7 +186,8 @@ def prepare(cfg: PrepareConfig, console=None) -> dict:
     stats = {k: v for k, v in stage1.items() if k != "fingerprint"}
     stats.update({"resumed_stage1": resumed_stage1, "tokenizer_seconds": round(t2 - t1, 3),
                   "pack_seconds": round(t3 - t2, 3), "total_seconds": round(t3 - t0, 3),
-                  "tokenizer_trained": not cfg.tokenizer.path})
+                  "tokenizer_trained": not cfg.tokenizer.path, "inputs": inputs, "inputs_sha256": digest(inputs),
+                  "redo_reasons": reasons})
     manifest["prepare"] = stats
     _atomic_write_json(out / "manifest.json", manifest)
     if not o.keep_staging:
@@ -182,7 +224,9 @@ def summary_table(manifest: dict):
         table.add_row("time (stage1 / tokenizer / pack)",
                       f"{p.get('seconds', 0):.1f}s / {p.get('tokenizer_seconds', 0):.1f}s / {p.get('pack_seconds', 0):.1f}s")
         table.add_row("throughput", f"{mb:.1f} MB in {secs:.1f}s = {mb / secs:.2f} MB/s")
-        if p.get("resumed_stage1"):
+        if p.get("up_to_date"):
+            table.add_row("status", "up to date: nothing redone (--force to redo)")
+        elif p.get("resumed_stage1"):
             table.add_row("resumed", "stage 1 reused")
     resumed = c.get("resumed_documents", {})
     if any(resumed.values()):
