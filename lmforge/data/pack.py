@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from lmforge.data import _tokenize_worker as tw
+from lmforge.data.parallel import ordered_map
 from lmforge.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -130,36 +130,13 @@ def _batches(docs: Iterable[tuple[str, str]], batch_bytes: int) -> Iterator[tupl
         yield texts, is_val
 
 
+def _encode_batch(batch: tuple[list[str], list[bool]]):
+    return tw.encode_docs(*batch)
+
+
 def _tokenized(batches: Iterator, tokenizer: Tokenizer, dtype: str, num_workers: int) -> Iterator:
     """Yield tw.encode_docs results in input order; at most 2 tasks per worker in flight (flat memory)."""
-    if num_workers <= 0:
-        tw.init_worker(tokenizer.to_json(), tokenizer.eos_id, dtype)
-        for texts, is_val in batches:
-            yield tw.encode_docs(texts, is_val)
-        return
-    import multiprocessing as mp
-
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; avoids fork warnings
-    try:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(num_workers, initializer=tw.init_worker, initargs=(tokenizer.to_json(), tokenizer.eos_id, dtype))
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-    try:
-        pending: deque = deque()
-        for texts, is_val in batches:
-            pending.append(pool.apply_async(tw.encode_docs, (texts, is_val)))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        pool.terminate()
-        pool.join()
+    return ordered_map(_encode_batch, batches, num_workers, tw.init_worker, (tokenizer.to_json(), tokenizer.eos_id, dtype))
 
 
 def pack_documents(

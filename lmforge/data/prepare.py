@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import time
@@ -22,11 +23,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
-from lmforge.data.clean import Cleaner
+from lmforge.data import _clean_worker as cw
 from lmforge.data.config import PrepareConfig
 from lmforge.data.dedup import Deduplicator
 from lmforge.data.fingerprint import digest, explain_change, inputs_of, outputs_intact
 from lmforge.data.pack import _atomic_write_json, _clear_outputs, pack_documents
+from lmforge.data.parallel import ordered_map
 from lmforge.data.sources import SkipLog, interleave, iter_source
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -49,48 +51,74 @@ def read_staged(path: Path) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
-def stage_text(cfg: PrepareConfig, staging: Path) -> dict:
-    """Stage 1. Returns stats: per-source counts, dropped by reason, PII masks, bytes."""
+_CLEAN_BATCH_CHARS = 1 << 18  # text per cleaning task
+
+
+def _clean_batches(items: Iterator) -> Iterator[list]:
+    batch, size, batch_chars = [], 0, _CLEAN_BATCH_CHARS
+    for item in items:
+        batch.append(item)
+        size += len(item[1][0])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _clean_task(batch: list) -> tuple[list, list, Counter, int]:
+    return ([i for i, _ in batch], *cw.clean_batch([text for _, (text, _) in batch]))
+
+
+def stage_text(cfg: PrepareConfig, staging: Path, num_workers: int = 0) -> dict:
+    """Stage 1. Returns stats: per-source counts, dropped by reason, PII masks, bytes.
+
+    Cleaning and dedup keys run in ``num_workers`` processes; the keep/drop decisions are made here in
+    input order, so the output does not depend on the worker count.
+    """
     import zstandard
 
     log = SkipLog(strict=cfg.strict)
-    cleaner = Cleaner(cfg.clean)
     dedup = Deduplicator(cfg.dedup)
     rng = random.Random(cfg.output.seed)
     labels = [s.label for s in cfg.sources]
     per_source = {lab: Counter() for lab in labels}
     dropped: Counter = Counter()
+    pii_counts: Counter = Counter()
     max_bytes = cfg.clean.max_chars * 4  # UTF-8 bound: longer raw input can never pass max_chars
     streams = [iter_source(s, log, max_bytes) for s in cfg.sources]
     tmp = staging / "docs.jsonl.zst.tmp"
     out_bytes = in_bytes = docs_out = 0
+    batches = _clean_batches(interleave(streams, [s.weight for s in cfg.sources], cfg.output.seed))
+    init = (cfg.clean.model_dump(), cfg.dedup.model_dump())
     with open(tmp, "wb") as fb, zstandard.ZstdCompressor(level=3).stream_writer(fb) as zw:
-        for i, (text, where) in interleave(streams, [s.weight for s in cfg.sources], cfg.output.seed):
-            c = per_source[labels[i]]
-            c["in"] += 1
-            in_bytes += len(text.encode("utf-8", "surrogatepass"))
-            cleaned, reason = cleaner(text)
-            if cleaned is None or (reason := dedup.is_duplicate(cleaned)) is not None:
-                dropped[reason] += 1
-                c[reason] += 1
-                continue
-            w = cfg.sources[i].weight
-            copies = int(w) + (rng.random() < w - int(w))
-            if not copies:
-                dropped["downsampled"] += 1
-                c["downsampled"] += 1
-                continue
-            line = (json.dumps({"text": cleaned}, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-            for _ in range(copies):
-                zw.write(line)
-            c["out"] += copies
-            docs_out += copies
-            out_bytes += copies * len(cleaned.encode("utf-8", "surrogatepass"))
+        for source_ids, results, pii, nbytes in ordered_map(_clean_task, batches, num_workers, cw.init_worker, init):
+            pii_counts.update(pii)
+            in_bytes += nbytes
+            for i, (cleaned, reason, *keys) in zip(source_ids, results):
+                c = per_source[labels[i]]
+                c["in"] += 1
+                if cleaned is None or (reason := dedup.check(keys)) is not None:
+                    dropped[reason] += 1
+                    c[reason] += 1
+                    continue
+                w = cfg.sources[i].weight
+                copies = int(w) + (rng.random() < w - int(w))
+                if not copies:
+                    dropped["downsampled"] += 1
+                    c["downsampled"] += 1
+                    continue
+                line = (json.dumps({"text": cleaned}, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+                for _ in range(copies):
+                    zw.write(line)
+                c["out"] += copies
+                docs_out += copies
+                out_bytes += copies * len(cleaned.encode("utf-8", "surrogatepass"))
     tmp.replace(staging / "docs.jsonl.zst")
     return {
         "sources": {lab: dict(c) for lab, c in per_source.items()},
         "skipped_input": dict(log.counts), "skipped_examples": log.examples,
-        "dropped": dict(dropped), "pii_masked": dict(cleaner.pii_counts),
+        "dropped": dict(dropped), "pii_masked": dict(pii_counts),
         "documents_out": docs_out, "bytes_in": in_bytes, "bytes_out": out_bytes,
     }
 
@@ -114,6 +142,11 @@ def _tokenizer(cfg: PrepareConfig, staging: Path, docs_path: Path) -> Tokenizer:
     tok = train_tokenizer(sample(), t.vocab_size, special_tokens=t.special_tokens, min_frequency=t.min_frequency)
     tok.save(saved)
     return tok
+
+
+def _workers(cfg: PrepareConfig) -> int:
+    n = cfg.output.num_workers
+    return min(os.cpu_count() or 1, 8) if n is None else n
 
 
 def _previous(out: Path, inputs: dict, force: bool) -> tuple[Optional[dict], list[str]]:
@@ -168,7 +201,7 @@ def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
         _clear_outputs(out)  # shards of an interrupted pack came from other staged text
         if console:
             console.print(f"[bold]stage 1/3[/] reading, cleaning and deduplicating {len(cfg.sources)} source(s)")
-        stage1 = {"fingerprint": fp, "seconds": 0.0, **stage_text(cfg, staging)}
+        stage1 = {"fingerprint": fp, "seconds": 0.0, **stage_text(cfg, staging, _workers(cfg))}
         stage1["seconds"] = round(time.time() - t0, 3)
         _atomic_write_json(stage1_path, stage1)
     t1 = time.time()
