@@ -12,6 +12,7 @@ pre-token piece (words, CJK clauses), which also profits from the repetition, so
 "unique" corpus (one copy of every paragraph, nothing repeated) to show the gain on unrepeated text.
 
     .venv/bin/python benchmarks/data_throughput.py --mb 100 25 --repeats 2
+    LMFORGE_FAST_BPE=0 .venv/bin/python benchmarks/data_throughput.py   # lmforge without the fast encoder
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def compare(corpus: Path, tok_path: Path, tmp: Path, args, label: str) -> None:
     runs: dict[str, list[dict]] = {"lmforge": [], "hf_datasets": []}
     for r in range(args.repeats):
         for name, code in (("lmforge", LMFORGE), ("hf_datasets", HF)):
-            out = tmp / f"{name}_{label}_{r}"
+            out = tmp / f"{name}_{label.split()[0]}_{r}"
             out.mkdir()
             workers = args.lm_workers if name == "lmforge" else args.workers
             runs[name].append(run_measured(code, [str(corpus), str(tok_path), str(out), str(workers)]))
