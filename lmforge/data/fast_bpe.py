@@ -4,10 +4,10 @@
 ``Encoding`` objects. This encoder splits text with the same GPT-2 regex (``regex`` module, C speed),
 looks every piece up in a bounded piece → ids cache, and asks the tokenizer's own BPE model
 (``model.tokenize``) only for pieces it has not seen. Output is identical to
-``Tokenizer.encode(text, add_special_tokens=False).ids``; documents the fast path cannot guarantee
-(an added/special token's text inside, or a character on which the two regex engines' Unicode tables
-disagree) go through ``tokenizers`` unchanged. Nothing is cached per document: the cache holds
-pieces (words, CJK clauses), so it pays off through Zipf's law on any corpus, not through repetition.
+``Tokenizer.encode(text, add_special_tokens=False).ids``; documents holding an added/special token's
+text go through ``tokenizers`` unchanged. Nothing is cached per document: the cache holds pieces
+(words, CJK clauses), so it pays off through Zipf's law on real corpora (a repeated benchmark corpus
+inflates its hit rate; measure on unrepeated text).
 """
 
 from __future__ import annotations
