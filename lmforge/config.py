@@ -72,7 +72,7 @@ class DataConfig(Section):
     """Packed token data written by ``lmforge data prepare`` (or the quickstart)."""
 
     path: Optional[str] = Field(None, description="folder holding manifest.json and the token shards")
-    seq_len: int = Field(256, ge=2)
+    seq_len: Optional[int] = Field(None, ge=2, description="tokens per training window; None: model.max_seq_len")
     doc_mask: bool = Field(False, description="carry document-boundary masks in each batch")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="training.objective=mlm: share of tokens masked")
     mask_token: Optional[str] = Field(None, description="mlm mask token (None: <|mask|>, [MASK] or <mask>)")
@@ -215,6 +215,10 @@ class Config(Section):
                              f"{self.model.arch}")
         if self.training.objective == "clm" and encoder:
             raise ValueError("model.arch=bert is an encoder: set training.objective=mlm")
+        if self.data.seq_len is None:  # resolved here so the saved config states it
+            object.__setattr__(self.data, "seq_len", self.model.max_seq_len)
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         return self
 
 

@@ -30,6 +30,7 @@ BAD_OVERRIDES = [
     (["--model.dropout=1.0"], ["model.dropout"]),
     (["--model.vocab_sise=100"], ["model.vocab_sise", "did you mean 'model.vocab_size'"]),
     (["--training.max_steps.x=1"], ["training.max_steps"]),
+    (["--model.preset=tiny", "--data.seq_len=256"], ["data.seq_len=256", "model.max_seq_len=128"]),
 ]
 
 
