@@ -91,23 +91,3 @@ def fused_head_ok(head: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         DTensor = ()  # type: ignore[assignment]
     return type(head) is torch.nn.Linear and head.bias is None and not isinstance(head.weight, DTensor)
-
-
-def mlm_mask(tokens_BT: torch.Tensor, mask_id: int, vocab_size: int, prob: float = 0.15,
-             special_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
-             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: pick ``prob`` of the non-special tokens; of those 80% → ``mask_id``, 10% → a random
-    token, 10% unchanged. Returns (inputs_BT, labels_BT) with labels = ignore_index where not picked."""
-    if not 0.0 < prob < 1.0:
-        raise ValueError(f"mlm_mask: prob must be in (0, 1), got {prob}")
-    dev = tokens_BT.device
-    u = torch.rand(tokens_BT.shape, generator=generator, device=dev)
-    special = torch.isin(tokens_BT, torch.tensor(list(special_ids), dtype=tokens_BT.dtype, device=dev)) \
-        if special_ids else torch.zeros_like(tokens_BT, dtype=torch.bool)
-    picked = (u < prob) & ~special
-    labels = torch.where(picked, tokens_BT, torch.full_like(tokens_BT, ignore_index))
-    action = torch.rand(tokens_BT.shape, generator=generator, device=dev)
-    random_ids = torch.randint(0, vocab_size, tokens_BT.shape, generator=generator, device=dev)
-    inputs = torch.where(picked & (action < 0.8), torch.full_like(tokens_BT, mask_id), tokens_BT)
-    inputs = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-    return inputs, labels
