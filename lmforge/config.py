@@ -233,18 +233,20 @@ def _section_models() -> dict[str, type[BaseModel]]:
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key path of a schema; sections held in lists/optionals (``sources: list[SourceConfig]``) too."""
     keys = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         keys.append(path)
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_valid_keys(ann, path + "."))
+        for t in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                keys.extend(_valid_keys(t, path + "."))
     return keys
 
 
-def _suggest(path: str) -> str:
-    keys = _valid_keys(Config)
+def _suggest(path: str, root: type[BaseModel]) -> str:
+    keys = _valid_keys(root)
     close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
     if not close:  # try matching only the last component within its section
         parent, _, leaf = path.rpartition(".")
@@ -254,24 +256,28 @@ def _suggest(path: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
+    """pydantic errors of schema ``root`` → one line each, naming the key path (shared by every lmforge
+    config: the training config here, ``data prepare``'s and ``finetune``'s)."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
         where = f"{source}: " if source else ""
         if e["type"] == "extra_forbidden":
-            hint = _suggest(path)
+            generic = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))  # sources.0.x → sources.x
+            hint = _suggest(generic, root)
             if not hint and "." not in path:
-                hint = f" (sections: {', '.join(Config.model_fields)})"
+                hint = f" (sections: {', '.join(root.model_fields)})"
             lines.append(f"{where}unknown key '{path}'{hint}")
+            continue
+        if e["type"] == "missing":
+            lines.append(f"{where}missing required key '{path}'")
             continue
         if e["type"] == "value_error":  # cross-field checks already name their keys
             lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
             continue
         value = e.get("input")
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+        msg = e["msg"].removeprefix("Value error, ")
         ctx = e.get("ctx") or {}
         if "expected" in ctx:
             msg = f"allowed: {ctx['expected']}"
@@ -351,7 +357,7 @@ def build_config(tree: dict | None = None, source: str = "") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, Config)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

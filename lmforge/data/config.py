@@ -6,14 +6,13 @@ rejected with the closest valid key suggested.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from lmforge.config import ConfigError, Section, deep_merge, parse_overrides
+from lmforge.config import ConfigError, format_validation_error, Section, deep_merge, parse_overrides
 
 
 class SourceConfig(Section):
@@ -95,42 +94,11 @@ class PrepareConfig(Section):
         return self
 
 
-def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, f in model.model_fields.items():
-        out.append(prefix + name)
-        ann = f.annotation
-        args = getattr(ann, "__args__", ())
-        for t in (ann, *args):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                out += _keys(t, prefix + name + ".")
-    return out
-
-
-def _format(err: ValidationError, source: str) -> str:
-    keys = _keys(PrepareConfig)
-    lines = []
-    where = f"{source}: " if source else ""
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        generic = ".".join("" if isinstance(p, int) else str(p) for p in e["loc"]).replace("..", ".")
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(generic, keys, n=1, cutoff=0.5)
-            lines.append(f"{where}unknown key '{path}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-        elif e["type"] == "missing":
-            lines.append(f"{where}missing required key '{path}'")
-        elif e["type"] == "value_error":
-            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{where}invalid value for '{path}': {e.get('input')!r} ({e['msg']})")
-    return "\n".join(lines)
-
-
 def build_prepare_config(tree: dict, source: str = "") -> PrepareConfig:
     try:
         return PrepareConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, PrepareConfig)) from None
 
 
 def load_prepare_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PrepareConfig:

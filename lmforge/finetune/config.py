@@ -6,14 +6,13 @@ config is written to the run folder as ``finetune.yaml``.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from lmforge.config import ConfigError, OptimizerConfig, SchedulerConfig, Section, deep_merge, parse_overrides
+from lmforge.config import ConfigError, format_validation_error, OptimizerConfig, SchedulerConfig, Section, deep_merge, parse_overrides
 
 Method = Literal["full", "lora", "adalora", "adapter", "prefix"]
 Task = Literal["classification", "token-classification", "sft"]
@@ -109,37 +108,11 @@ class FinetuneConfig(Section):
         return m, "min" if m == "val_loss" else "max"
 
 
-def _keys(model, prefix: str = "") -> list[str]:
-    out = []
-    for name, f in model.model_fields.items():
-        out.append(prefix + name)
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, Section):
-            out += _keys(ann, prefix + name + ".")
-    return out
-
-
-def _format(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        where = f"{source}: " if source else ""
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(path, _keys(FinetuneConfig), n=1, cutoff=0.5)
-            lines.append(f"{where}unknown key '{path}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-        elif e["type"] == "missing":
-            lines.append(f"{where}missing required key '{path}'")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}invalid value for '{path}': {e.get('input')!r} ({msg})" if path else f"{where}{msg}")
-    return "\n".join(lines)
-
-
 def build_finetune_config(tree: dict, source: str = "") -> FinetuneConfig:
     try:
         return FinetuneConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, FinetuneConfig)) from None
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
