@@ -1,4 +1,4 @@
-"""Hand-written autograd (RoPE, RMSNorm) and the fused linear cross-entropy against plain PyTorch."""
+"""Hand-written autograd (RoPE, RMSNorm, saved-probabilities attention) and the fused linear cross-entropy against plain PyTorch."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.models import build_model
-from lmforge.models.kernels import rms_norm, rope
+from lmforge.models.kernels import probs_attention, probs_attention_ok, rms_norm, rope
 from lmforge.models.llama import rope_tables
 from lmforge.models.losses import linear_cross_entropy
 
@@ -93,3 +93,57 @@ def test_sum_reduction():
                                F.cross_entropy(h @ w.t(), y, reduction="sum"))
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, y, reduction="none")
+
+
+@pytest.mark.parametrize("case", ["causal", "mask", "full"])
+def test_probs_attention_matches_sdpa_and_gradcheck(case):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = None
+    if case == "mask":  # a doc/pad style mask: random keys hidden, every query still sees itself
+        mask = (torch.rand(2, 1, 6, 6) > 0.5) | torch.eye(6, dtype=torch.bool)
+    causal = case == "causal"
+    out = probs_attention(q, k, v, mask, causal)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+    assert torch.autograd.gradcheck(lambda a, b, c: probs_attention(a, b, c, mask, causal), (q, k, v))
+
+
+def test_probs_attention_bf16_close_to_fp32_and_only_where_it_pays():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 4, 32, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = probs_attention(qb, kb, vb, None, True)
+    grads = torch.autograd.grad(out, (qb, kb, vb), g.bfloat16())
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.1)
+    assert probs_attention_ok(qb, kb, 0.0)
+    assert not probs_attention_ok(q, k, 0.0)  # float32: SDPA
+    assert not probs_attention_ok(qb, kb, 0.1)  # dropout: SDPA
+    with torch.no_grad():
+        assert not probs_attention_ok(qb, kb, 0.0)  # inference: SDPA
+
+
+def test_model_bf16_training_step_matches_sdpa_path(monkeypatch):
+    """The decoder's loss and gradients under bf16 autocast barely move when attention goes through SDPA."""
+    import lmforge.models.common as common
+
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                      max_seq_len=32)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+
+    def run():
+        m = build_model(cfg, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.loss(x, y)
+        loss.backward()
+        return loss.detach(), m.layers[0].attention.wq.weight.grad
+
+    loss, grad = run()
+    monkeypatch.setattr(common, "probs_attention_ok", lambda *a: False)
+    ref_loss, ref_grad = run()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad, ref_grad, rtol=0.1, atol=0.1 * ref_grad.abs().max().item())

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.kernels import probs_attention, probs_attention_ok
+
 
 def ffn_hidden_default(d_model: int, multiple: int = 64) -> int:
     """~8/3·d_model rounded up to ``multiple`` (the SwiGLU size with the parameter count of a 4·d MLP)."""
@@ -127,12 +129,15 @@ def pad_causal_mask(pad_mask_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor
 
 def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: Optional[torch.Tensor],
               causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA with grouped-query heads expanded (K → H) only when needed."""
+    """SDPA with grouped-query heads expanded (K → H) only when needed; CPU training with a small enough
+    [T, S] takes ``kernels.probs_attention`` instead (same math, faster backward there)."""
     H, K = q_BHTD.shape[1], k_BKSD.shape[1]
     if H != K:
         rep = H // K
         k_BKSD = k_BKSD.repeat_interleave(rep, dim=1)
         v_BKSD = v_BKSD.repeat_interleave(rep, dim=1)
+    if (mask is None or mask.dtype == torch.bool) and probs_attention_ok(q_BHTD, k_BKSD, dropout_p):
+        return probs_attention(q_BHTD, k_BKSD, v_BKSD, mask, causal)
     return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal and mask is None)
 
