@@ -72,3 +72,75 @@ def test_conll_iob1_files_scored_as_iob2(tmp_path, minilm):
     assert (scheme, scheme2) == ("iob1", "iob2")
     assert [e["tags"] for e in a] == [e["tags"] for e in b]
     assert [e["labels"] for e in a] == [e["labels"] for e in b]
+
+
+# ----------------------------------------------------------------------------- vocabulary extension
+FILLER = "的一是在不了有和人这中大为上个我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说"
+POS, NEG = "好棒赞爽", "差烂糟坑"
+
+
+def _zh_files(root: Path) -> Path:
+    import random
+
+    rng = random.Random(0)
+    for name, n in (("train.tsv", 240), ("dev.tsv", 80)):
+        rows = ["sentence\tlabel"]
+        for _ in range(n):
+            y = int(rng.random() < 0.5)
+            chars = rng.choices(FILLER, k=rng.randint(4, 10))
+            chars.insert(rng.randrange(len(chars) + 1), rng.choice(POS if y else NEG))
+            rows.append("".join(chars) + f"\t{y}")
+        (root / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+def test_add_unknown_chars_lets_an_english_base_read_chinese(tmp_path, minilm):
+    """MiniLM's WordPiece maps the sentiment characters to [UNK]: without the extension the classes are
+    indistinguishable; with it they are learnt, and ``lmforge evaluate`` rebuilds the same vocabulary."""
+    from lmforge.finetune.evaluation import evaluate_run
+    from lmforge.finetune.model import load_base
+    from lmforge.finetune.vocab import unknown_chars
+
+    _, tok, _ = load_base(minilm)
+    d = _zh_files(tmp_path)
+    found = unknown_chars(tok, [FILLER * 3 + POS + NEG], 1)
+    assert set(POS + NEG) <= set(found), found
+    assert unknown_chars(tok, ["plain english text"], 1) == []
+
+    def run(name, extra):
+        torch.manual_seed(0)
+        ov = [f"--base.path={minilm}", f"--data.train={d / 'train.tsv'}", f"--data.validation={d / 'dev.tsv'}",
+              "--data.max_len=24", "--train.epochs=3", "--train.batch_size=16", "--optimizer.lr=2e-4",
+              "--train.threads=2", f"--run_dir={tmp_path / name}"] + extra
+        return finetune(load_finetune_config(None, ov))
+
+    plain = run("plain", [])
+    ext = run("ext", ["--base.add_unknown_chars=1"])
+    base = ext["majority_baseline_accuracy"]
+    assert plain["validation"]["val_accuracy"] < base + 0.15, plain["validation"]
+    assert ext["validation"]["val_accuracy"] > 0.9, ext["validation"]
+    assert (tmp_path / "ext" / "tokenizer.json").is_file() and not (tmp_path / "plain" / "tokenizer.json").exists()
+    rep = evaluate_run(str(tmp_path / "ext"), str(d / "dev.tsv"), show=False)
+    assert rep["accuracy"] == pytest.approx(ext["validation"]["val_accuracy"])
+
+
+def test_resize_vocab_keeps_rows_and_ties(tmp_path):
+    from lmforge.config import ModelConfig
+    from lmforge.finetune.model import LmforgeBackbone
+    from lmforge.finetune.vocab import resize_vocab
+    from lmforge.models import build_model
+
+    for tie in (True, False):
+        m = build_model(ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=16,
+                                    tie_embeddings=tie), seed=0)
+        old_emb, old_out = m.tok_embeddings.weight.detach().clone(), m.output.weight.detach().clone()
+        assert resize_vocab(LmforgeBackbone(m), 53) == 3
+        assert m.tok_embeddings.weight.shape == (53, 16) and m.output.weight.shape == (53, 16)
+        assert m.cfg.vocab_size == 53 and (m.output.weight is m.tok_embeddings.weight) == tie
+        torch.testing.assert_close(m.tok_embeddings.weight[:50], old_emb)
+        torch.testing.assert_close(m.output.weight[:50], old_out)
+        new = m.tok_embeddings.weight[50:].detach()
+        assert not torch.equal(new[0], new[1])  # distinct rows, on the scale of the old ones
+        assert 0.5 < new.std().item() / old_emb.std().item() < 2.0
+        assert m(torch.tensor([[0, 52]])).shape == (1, 2, 53)
+        assert resize_vocab(LmforgeBackbone(m), 40) == 0  # never shrinks

@@ -24,6 +24,11 @@ class BaseModelConfig(Section):
     tokenizer: Optional[str] = Field(None, description="tokenizer file/folder (default: found next to the base)")
     pooling: Literal["auto", "last", "cls", "mean"] = Field("auto", description="classification pooling; auto: "
                                                             "last real token for decoders, mean over real tokens for encoders")
+    add_unknown_chars: Optional[int] = Field(
+        None, ge=1, description="add the training file's characters that the base tokenizer maps to its unknown "
+        "token, seen at least this many times, as new tokens (embeddings drawn around the old rows; train them: "
+        "method full, or method.trainable with LoRA); None: off. For a base lacking a script, e.g. Chinese on "
+        "an English WordPiece")
 
 
 class FTDataConfig(Section):

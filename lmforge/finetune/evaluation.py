@@ -105,6 +105,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
     from lmforge.finetune.model import load_base
     from lmforge.finetune.reports import print_report, write_report
     from lmforge.finetune.trainer import build_task_model
+    from lmforge.finetune.vocab import load_run_tokenizer
 
     run = Path(run_dir)
     if not (run / "finetune.yaml").is_file() or not (run / "best" / "adapter.json").is_file():
@@ -115,6 +116,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
     meta = json.loads((run / "best" / "adapter.json").read_text())
     labels = meta.get("labels") or []
     backbone, tok, _ = load_base(cfg.base.path, cfg.base.tokenizer)
+    tok = load_run_tokenizer(run, backbone, tok)  # a vocabulary extended by base.add_unknown_chars
     applied = build_task_model(cfg, 1, labels, backbone)
     load_adapter(applied, run / "best")
     d = cfg.data

@@ -24,6 +24,7 @@ from lmforge.finetune.evaluation import autocast, evaluate_examples, flat_metric
 from lmforge.finetune.methods import Applied, apply_method, load_adapter, merge, save_adapter, save_model
 from lmforge.finetune.model import TaskModel, load_base
 from lmforge.finetune.reports import print_report, write_report
+from lmforge.finetune.vocab import extend_vocab
 
 _LAYER_RE = re.compile(r"\.(?:layers|layer)\.(\d+)\.")
 
@@ -133,6 +134,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     metric, mode = cfg.selection_metric()
 
     backbone, tok, base_info = load_base(cfg.base.path, cfg.base.tokenizer)
+    added = extend_vocab(cfg, backbone, tok) if cfg.base.add_unknown_chars else []
+    if added:
+        tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
+        base_info = {**base_info, "added_tokens": len(added)}
     data: TaskData = load_task_data(cfg, tok)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
@@ -151,6 +156,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     eval_every = cfg.train.eval_every or per_epoch
     counts = applied.param_counts()
     logger = MetricsLogger(run_dir, total)
+    if added:
+        logger.message(f"base.add_unknown_chars: {len(added)} new tokens (vocabulary {tok.vocab_size:,}), e.g. "
+                       + "".join(added[:20]))
     logger.message(f"finetune {cfg.task} / {cfg.method.name}: {len(data.train)} train, {len(data.val)} validation"
                    f"{f', {len(data.test)} test' if data.test else ''} examples; {total} steps; trainable "
                    f"{counts['trainable']:,} of {counts['total']:,} params ({counts['trainable_pct']:.2f}%)")
