@@ -105,7 +105,8 @@ def test_classification_trainer_and_evaluate_cli(tiny_run, cls_files, tmp_path, 
     assert "macro avg" in capsys.readouterr().out
 
 
-def test_sft_trainer_learns(tiny_run, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sft_trainer_learns(tiny_run, tmp_path, method):
     rng = random.Random(2)
     lines = []
     for _ in range(120):
@@ -113,8 +114,8 @@ def test_sft_trainer_learns(tiny_run, tmp_path):
         lines.append(json.dumps({"prompt": f"add {a} {b}", "response": f"{a + b}"}))
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     cfg = _cfg(tiny_run, tmp_path, tmp_path / "chat.jsonl", task="sft", **{
-        "method.name": "full", "train.epochs": 4, "optimizer.lr": 1e-2,
-        "train.eval_every": 5})
+        "method.name": method, "train.epochs": 4, "optimizer.lr": 1e-2 if method == "full" else 3e-2,
+        "train.eval_every": 5, "method.target_modules": '[".*(wq|wk|wv|wo|w1|w2|w3)"]'})
     s = finetune(cfg)
     evals = [r["val_loss"] for r in map(json.loads, (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
