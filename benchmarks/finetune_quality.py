@@ -17,6 +17,7 @@ ChnSentiCorp runs MiniLM with its vocabulary extended by the training file's unk
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -63,7 +64,14 @@ def overrides(args, task: str, method: str, run_dir: Path) -> list[str]:
 
 
 def run_lmforge(args, task: str, method: str) -> dict:
-    cfg = load_finetune_config(None, overrides(args, task, method, Path(args.out) / f"{task}_{method}_lmforge"))
+    run_dir = Path(args.out) / f"{task}_{method}_lmforge"
+    cfg = load_finetune_config(None, overrides(args, task, method, run_dir))
+    done = run_dir / "summary.json"
+    if args.reuse and done.is_file() and load_finetune_config(run_dir / "finetune.yaml") == cfg:
+        s = json.loads(done.read_text())  # the same config already ran to the end in this folder
+        print(f"reusing {done} (same resolved config)")
+        return {"metric": s["validation"][TASKS[task][5]], "seconds": s["train_seconds"], "loop": s["loop_seconds"],
+                "trainable": s["params"]["trainable"]}
     t0 = time.time()
     s = finetune(cfg)
     return {"metric": s["validation"][TASKS[task][5]], "seconds": time.time() - t0, "loop": s["loop_seconds"],
@@ -107,7 +115,8 @@ def run_hf(args, task: str, method: str) -> dict:
                               weight_decay=cfg.optimizer.weight_decay, lr_scheduler_type="linear", warmup_steps=0,
                               max_grad_norm=cfg.train.grad_clip, save_strategy="no", eval_strategy="no",
                               report_to=[], logging_steps=50, seed=args.seed, bf16=args.precision == "bf16",
-                              dataloader_num_workers=0, remove_unused_columns=False)
+                              dataloader_num_workers=0, remove_unused_columns=False,
+                              use_cpu=not torch.cuda.is_available())
     out = Trainer(model=model, args=targs, train_dataset=data.train, data_collator=hf_collate).train()
 
     class Wrap(torch.nn.Module):  # lmforge's scorer calls model(input_ids, attention_mask) -> logits
@@ -138,6 +147,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true", help="lmforge only")
     p.add_argument("--out", default="/tmp/lmforge_ft_bench")
+    p.add_argument("--reuse", action="store_true", help="take lmforge's numbers from a finished run in --out with "
+                   "the same resolved config instead of training again")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
