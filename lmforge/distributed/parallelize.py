@@ -38,20 +38,45 @@ _HEAD_ATTRS = ("n_heads", "n_kv_heads", "n_local_heads", "n_local_kv_heads", "nu
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, block) pairs of ``model.layers`` (ModuleList or ModuleDict)."""
+_BLOCK_LISTS = ("layers", "layer")  # lmforge models; transformers encoders (encoder.layer)
+
+
+def _block_list(model: nn.Module) -> Optional[nn.Module]:
+    """``model.layers``, else the shallowest submodule's ``layers`` / ``layer`` container, so a model wrapped
+    from outside (a fine-tuning task model, peft-injected layers, a transformers encoder) is found too."""
     layers = getattr(model, "layers", None)
+    if layers is not None:
+        return layers
+    queue = [model]
+    while queue:
+        nxt = []
+        for mod in queue:
+            for attr in _BLOCK_LISTS:
+                found = getattr(mod, attr, None)
+                if isinstance(found, (nn.ModuleList, nn.ModuleDict)):
+                    return found
+            nxt += list(mod.children())
+        queue = nxt
+    return None
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) pairs of the model's repeated blocks: ``model.layers`` (ModuleList or ModuleDict) or the
+    first such container found breadth-first inside a wrapper; names are the container's keys."""
+    layers = _block_list(model)
     if layers is None:
-        raise TypeError(f"{type(model).__name__} has no 'layers'; parallelize_model expects the Llama layout")
+        raise TypeError(f"{type(model).__name__} has no 'layers' (nor a submodule with 'layers' / 'layer'); "
+                        "parallelize_model expects the Llama layout")
     items = layers.items() if isinstance(layers, nn.ModuleDict) else ((str(i), b) for i, b in enumerate(layers))
     return [(n, b) for n, b in items]
 
 
 def _set_block(model: nn.Module, name: str, block: nn.Module) -> None:
-    if isinstance(model.layers, nn.ModuleDict):
-        model.layers[name] = block
+    layers = _block_list(model)  # the same container ``blocks`` found
+    if isinstance(layers, nn.ModuleDict):
+        layers[name] = block
     else:
-        model.layers[int(name)] = block
+        layers[int(name)] = block
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> None:

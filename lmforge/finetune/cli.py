@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from lmforge.config import ConfigError
 
@@ -13,6 +14,8 @@ def _cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = load_finetune_config(args.config, extra)
     summary = finetune(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     print(f"best {summary['metric']} {summary['best_value']:.4f} at step {summary['best_step']}; "
           f"run folder {cfg.run_dir}")
     return 0

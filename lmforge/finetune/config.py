@@ -12,7 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from lmforge.config import ConfigError, format_validation_error, OptimizerConfig, SchedulerConfig, Section, deep_merge, parse_overrides
+from lmforge.config import (ConfigError, DistributedConfig, format_validation_error, OptimizerConfig, SchedulerConfig,
+                            Section, deep_merge, parse_overrides)
 
 Method = Literal["full", "lora", "adalora", "adapter", "prefix"]
 Task = Literal["classification", "token-classification", "sft"]
@@ -77,7 +78,8 @@ class MethodConfig(Section):
 class FTTrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step over all data-parallel ranks (each "
+                            "rank takes a contiguous 1/dp slice of every batch; the same batches as one process)")
     eval_batch_size: int = Field(64, ge=1)
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0: once per epoch")
     metric: str = Field("auto", description="selection metric: accuracy, macro_f1, micro_f1, val_loss; auto: "
@@ -101,6 +103,21 @@ class FinetuneConfig(Section):
     train: FTTrainConfig = FTTrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig(lr=5e-5, weight_decay=0.01, betas=(0.9, 0.999))
     scheduler: SchedulerConfig = SchedulerConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    distributed: DistributedConfig = Field(DistributedConfig(), description="used under torchrun (world size > 1): "
+                                           "data parallel only (ddp, zero2, zero3); see docs/finetune.md")
+
+    @model_validator(mode="after")
+    def _data_parallel_only(self) -> "FinetuneConfig":
+        d = self.distributed
+        for key in ("tp", "pp"):
+            if getattr(d, key) != 1:
+                raise ValueError(f"distributed.{key}={getattr(d, key)} is not supported by finetune (data parallel "
+                                 f"only: ddp, zero2, zero3); set distributed.{key}=1")
+        if d.strategy == "zero1":
+            raise ValueError("distributed.strategy=zero1 is not supported by finetune; use ddp, zero2 or zero3")
+        if d.engine != "native":
+            raise ValueError(f"distributed.engine={d.engine} is not supported by finetune; use native")
+        return self
 
     def selection_metric(self) -> tuple[str, str]:
         """(metric name, 'max' | 'min')."""

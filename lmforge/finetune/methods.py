@@ -143,17 +143,28 @@ def apply_method(model: nn.Module, cfg: MethodConfig, total_steps: int = 1000) -
 # ----------------------------------------------------------------------------- save / load / merge
 
 
-def save_adapter(applied: Applied, folder: str | Path, extra: Optional[dict] = None) -> Path:
-    """``adapter.safetensors`` (trainable tensors only) + ``adapter.json`` (method config, names, ``extra``)."""
+def adapter_tensors(applied: Applied) -> dict[str, torch.Tensor]:
+    """The live tensors an adapter file holds, by state-dict key: the trainable parameters, plus AdaLoRA's
+    rank buffers (its pruned-rank masks live there too: keeps ranks exact). Sharded (DTensor) under FSDP."""
+    names = set(applied.trainable_names())
+    sd = applied.model.state_dict()
+    out = {k: v for k, v in sd.items() if k in names}
+    if applied.tuner is not None:
+        out.update({k: v for k, v in sd.items() if "ranknum" in k})
+    return out
+
+
+def save_adapter(applied: Applied, folder: str | Path, extra: Optional[dict] = None,
+                 tensors: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """``adapter.safetensors`` (trainable tensors only) + ``adapter.json`` (method config, names, ``extra``).
+    ``tensors``: write these instead of ``adapter_tensors(applied)`` (the distributed trainer passes the full
+    tensors it gathered from the shards)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = set(applied.trainable_names())
-    sd = {k: v.detach().contiguous().cpu() for k, v in applied.model.state_dict().items() if k in names}
-    if applied.tuner is not None:  # AdaLoRA's pruned-rank masks live in buffers too: keep ranks exact
-        sd.update({k: v.detach().contiguous().cpu() for k, v in applied.model.state_dict().items()
-                   if "ranknum" in k})
+    live = adapter_tensors(applied) if tensors is None else tensors
+    sd = {k: v.detach().contiguous().cpu() for k, v in live.items()}
     save_file(sd, str(folder / "adapter.safetensors"))
     meta = {"method": applied.cfg.model_dump(mode="json"), "tensors": sorted(sd), **(extra or {})}
     (folder / "adapter.json").write_text(json.dumps(meta, indent=2))

@@ -21,7 +21,7 @@ from lmforge.config import ConfigError
 from lmforge.finetune.config import FinetuneConfig, save_finetune_config
 from lmforge.finetune.data import TaskData, load_task_data, steps_per_epoch, train_batches
 from lmforge.finetune.evaluation import autocast, evaluate_examples, flat_metrics, majority_baseline, to_device
-from lmforge.finetune.methods import Applied, apply_method, load_adapter, merge, save_adapter, save_model
+from lmforge.finetune.methods import Applied, apply_method, merge, save_adapter, save_model
 from lmforge.finetune.model import TaskModel, load_base
 from lmforge.finetune.reports import print_report, write_report
 from lmforge.finetune.vocab import extend_vocab
@@ -62,8 +62,13 @@ def apply_layer_lr_decay(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
 
 def prefer_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Adam/AdamW with the fused kernel (CPU and CUDA): ~8x faster steps than foreach on CPU for a 22M-param
-    model. Other optimizers are returned unchanged. Call before the first step."""
+    model. Other optimizers (and sharded DTensor parameters, which keep foreach) are returned unchanged. Call
+    before the first step."""
+    from torch.distributed.tensor import DTensor
+
     if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+        return optimizer
+    if any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
         return optimizer
     if not all(p.dtype in (torch.float32, torch.bfloat16) for g in optimizer.param_groups for p in g["params"]):
         return optimizer
@@ -73,12 +78,12 @@ def prefer_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                            amsgrad=d.get("amsgrad", False), fused=True)
 
 
-def _save_best(applied: Applied, run_dir: Path, extra: dict) -> Path:
+def _save_best(applied: Applied, run_dir: Path, extra: dict, tensors: dict | None = None) -> Path:
     best = run_dir / "best"
     tmp = run_dir / f"best.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_adapter(applied, tmp, extra)
+    save_adapter(applied, tmp, extra, tensors)
     if best.exists():
         shutil.rmtree(best)
     os.rename(tmp, best)
@@ -119,6 +124,22 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    """One run; returns the summary also written to ``summary.json``. Under torchrun (or in ranks whose process
+    group is already initialised) every rank calls this and the run is data parallel per ``cfg.distributed``
+    (see ``finetune/distributed.py``); world size 1 is the single-process run."""
+    from lmforge.finetune.distributed import FTDist
+
+    fd = FTDist.start(cfg)
+    try:
+        summary = _finetune(cfg, fd)
+    except BaseException:
+        fd.close(failed=True)
+        raise
+    fd.close()
+    return summary
+
+
+def _finetune(cfg: FinetuneConfig, fd) -> dict:
     from lmforge.training.guards import EarlyStopper
     from lmforge.training.metrics import MetricsLogger
     from lmforge.training.optim import build_optimizer
@@ -130,13 +151,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_finetune_config(cfg, run_dir / "finetune.yaml")
+    if fd.is_main:
+        save_finetune_config(cfg, run_dir / "finetune.yaml")
     metric, mode = cfg.selection_metric()
 
     backbone, tok, base_info = load_base(cfg.base.path, cfg.base.tokenizer)
     added = extend_vocab(cfg, backbone, tok) if cfg.base.add_unknown_chars else []
     if added:
-        tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
+        if fd.is_main:
+            tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
         base_info = {**base_info, "added_tokens": len(added)}
     data: TaskData = load_task_data(cfg, tok)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
@@ -147,7 +170,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but CUDA is not available")
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    model = applied.model.to(device)
+    if fd.distributed:
+        device = fd.device  # this rank's, from train.device and LOCAL_RANK
+    fd.keep_unsharded_copy(applied)  # rank 0 of a distributed lora/sft run: for merged/ and the export
+    model = fd.parallelize(applied.model.to(device))  # method first, then shard (FSDP2) or wrap (DDP)
     optimizer = prefer_fused(build_optimizer(model, cfg.optimizer))
     if cfg.train.layer_lr_decay:
         apply_layer_lr_decay(optimizer, model, cfg.train.layer_lr_decay)
@@ -155,7 +181,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     stopper = EarlyStopper(metric, cfg.train.early_stop_patience, 0.0, mode) if cfg.train.early_stop_patience else None
     eval_every = cfg.train.eval_every or per_epoch
     counts = applied.param_counts()
-    logger = MetricsLogger(run_dir, total)
+    logger = MetricsLogger(run_dir, total, is_main=fd.is_main)
+    if fd.distributed:
+        logger.message(fd.describe())
     if added:
         logger.message(f"base.add_unknown_chars: {len(added)} new tokens (vocabulary {tok.vocab_size:,}), e.g. "
                        + "".join(added[:20]))
@@ -169,30 +197,32 @@ def finetune(cfg: FinetuneConfig) -> dict:
     eval_s, t_loop = 0.0, time.time()
     model.train()
     while step < total and stopped is None:
-        for batch in train_batches(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, epoch):
+        for batch in fd.shard(train_batches(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, epoch)):
             batch = to_device(batch, device)
             with autocast(device, cfg.train.precision):
-                loss, _ = model.loss(batch, cw)
+                loss, loss_value = fd.loss(model, batch, cw)  # loss_value: mean over the global batch
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip or float("inf"))
+            gn = fd.clip_grad_norm(trainable, cfg.train.grad_clip)
             optimizer.step()
             step += 1
             applied.after_step(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+            rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(gn)}
             if step % eval_every == 0 or step == total:
                 t_eval = time.time()
                 rep = evaluate_examples(model, data.val, cfg.task, data.label_names, pad_id,
                                         cfg.train.eval_batch_size, cfg.train.precision)
-                m = flat_metrics(rep)
+                m = fd.agree(flat_metrics(rep))  # rank 0's numbers: every rank takes the same decisions
                 rec.update(m)
                 value = m.get(metric if metric == "val_loss" else f"val_{metric}")
                 better = best_value is None or (value < best_value if mode == "min" else value > best_value)
                 if better:
                     best_value, best_step = value, step
-                    _save_best(applied, run_dir, {**extra, "step": step, metric: value})
+                    tensors = fd.best_tensors(applied)  # distributed: gathered in full (every rank)
+                    if fd.is_main:
+                        _save_best(applied, run_dir, {**extra, "step": step, metric: value}, tensors)
                 logger.message(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
                                + ("  (best)" if better else ""))
                 if stopper is not None and stopper.update({metric: value}):
@@ -203,12 +233,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 break
         epoch += 1
     logger.close()
-    if stopped:
+    if stopped and fd.is_main:
         print(stopped)
     train_s = time.time() - t0
     loop_s = time.time() - t_loop - eval_s
 
-    load_adapter(applied, run_dir / "best")
+    fd.load_best(applied, run_dir / "best")
     summary = {"task": cfg.task, "method": cfg.method.name, "metric": metric, "best_step": best_step,
                "best_value": best_value, "steps": step, "train_seconds": train_s,
                "loop_seconds": loop_s, "eval_seconds": eval_s, "params": counts,
@@ -219,13 +249,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
         rep = evaluate_examples(model, examples, cfg.task, data.label_names, pad_id, cfg.train.eval_batch_size,
                                 cfg.train.precision)
         summary[split] = flat_metrics(rep)
-        write_report(rep, run_dir / "reports", split, title=f"{split} ({cfg.task}, {cfg.method.name})")
-        print_report(rep, title=f"{split} ({cfg.task}, {cfg.method.name})")
-    if cfg.method.name in ("lora", "adalora"):
+        if fd.is_main:
+            write_report(rep, run_dir / "reports", split, title=f"{split} ({cfg.task}, {cfg.method.name})")
+            print_report(rep, title=f"{split} ({cfg.task}, {cfg.method.name})")
+    if fd.distributed:  # rank 0 writes merged/ and the sft export from its unsharded copy with best/ loaded
+        applied = fd.unsharded_best(run_dir / "best")
+        model = applied.model if applied is not None else None
+    if fd.is_main and cfg.method.name in ("lora", "adalora"):
         merged = merge(applied)
         save_model(merged, run_dir / "merged" / "model.safetensors", {"task": cfg.task, "from": "best"})
         (run_dir / "merged" / "labels.json").write_text(json.dumps(extra, indent=2))
-    if cfg.task == "sft" and cfg.method.name in ("full", "lora", "adalora"):
+    if fd.is_main and cfg.task == "sft" and cfg.method.name in ("full", "lora", "adalora"):
         summary["export"] = str(export_sft(model, tok, base_info, run_dir, best_step))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    if fd.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return fd.agree(summary)
