@@ -5,7 +5,7 @@ AdamW (fused=True), loss = mean next-token cross-entropy over all B·T positions
 own ``labels``/``shift_labels`` path, lmforge via ``Llama.loss``). fp32 and bf16 autocast, each library the
 same way. MFU is against a measured matmul peak of this CPU in the same dtype.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--warmup 3] [--threads N] [--ac] [--compile]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--threads N] [--ac] [--compile]
 
 ``--ac`` checkpoints every block's activations (lmforge: ``training/wrap.py`` from outside the model; HF:
 ``gradient_checkpointing_enable``). ``--compile`` compiles every block with ``torch.compile`` (lmforge:
@@ -140,7 +140,7 @@ def compare(precision: str, steps: int, warmup: int) -> dict[str, Runner]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
