@@ -71,21 +71,14 @@ def check_method(cfg) -> None:
                           "rank allocator needs full (unsharded) tensors; use distributed.strategy=ddp")
 
 
-def summed_loss(task: str, logits: torch.Tensor, batch: dict, class_weights: Optional[torch.Tensor]
+def summed_loss(model: nn.Module, logits: torch.Tensor, batch: dict, class_weights: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the per-target losses, target weight) for the targets ``TaskModel.loss`` averages: its mean is
+    """(sum of the per-target losses, target weight) over the targets ``TaskModel.loss`` averages: its mean is
     ``sum / weight`` (the number of labelled targets, or the sum of their class weights)."""
-    if task == "classification":
-        y, z = batch["label"], logits
-    elif task == "sft":  # next-token targets; sft takes no class weights
-        y, z, class_weights = batch["labels"][:, 1:], logits[:, :-1], None
-    else:
-        y, z = batch["labels"], logits
-    y = y.reshape(-1)
-    z = z.reshape(y.numel(), -1)
-    ce_sum = F.cross_entropy(z, y, weight=class_weights, ignore_index=IGNORE, reduction="sum")
+    z, y, w = model.targets(logits, batch, class_weights)
+    ce_sum = F.cross_entropy(z, y, weight=w, ignore_index=IGNORE, reduction="sum")
     valid = y != IGNORE
-    weight = class_weights[y[valid]].sum() if class_weights is not None else valid.sum()
+    weight = w[y[valid]].sum() if w is not None else valid.sum()
     return ce_sum, weight
 
 
@@ -179,7 +172,7 @@ class FTDist:
             loss, _ = model.loss(batch, class_weights)
             return loss, loss.item()
         logits = self.forward_model(batch["input_ids"], batch["attention_mask"])
-        ce_sum, weight = summed_loss(model.task, logits, batch, class_weights)
+        ce_sum, weight = summed_loss(model, logits, batch, class_weights)
         totals = torch.stack([ce_sum.detach().double(), weight.double()])
         dist.all_reduce(totals, group=self.pdims.group("dp"))
         global_sum, global_weight = totals.tolist()

@@ -151,16 +151,22 @@ class TaskModel(nn.Module):
             h_BTD = self._pool(h_BTD, attention_mask_BT)
         return self.head(self.dropout(h_BTD)).float()
 
+    def targets(self, logits: torch.Tensor, batch: dict, class_weights: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(logits [N, K], labels [N], class weights) the loss is taken over; sft: next-token targets, no
+        class weights; IGNORE labels drop out."""
+        if self.task == "classification":
+            return logits, batch["label"], class_weights
+        labels_BT = batch["labels"]
+        if self.task == "sft":
+            return logits[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten(), None
+        return logits.flatten(0, 1), labels_BT.flatten(), class_weights
+
     def loss(self, batch: dict, class_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, logits). sft: next-token loss on labelled (response) tokens only."""
         logits = self(batch["input_ids"], batch["attention_mask"])
-        if self.task == "classification":
-            return F.cross_entropy(logits, batch["label"], weight=class_weights), logits
-        labels_BT = batch["labels"]
-        if self.task == "sft":
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=IGNORE), logits
-        return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), weight=class_weights,
-                               ignore_index=IGNORE), logits
+        z, y, w = self.targets(logits, batch, class_weights)
+        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE), logits
 
 
 # ----------------------------------------------------------------------------- loading bases
