@@ -86,12 +86,12 @@ class _ProbsAttention(torch.autograd.Function):
     dQ = dS·k/√Dh, dK = dSᵀ·q/√Dh. Matmuls run in the inputs' dtype; softmax accumulates in float32."""
 
     @staticmethod
-    def forward(ctx, q_BHTD, k_BHSD, v_BHSD, keep_BHTS):
+    def forward(ctx, q_BHTD, k_BHSD, v_BHSD, hide_BHTS):
         scale = 1.0 / math.sqrt(q_BHTD.shape[-1])
         with torch.autocast(q_BHTD.device.type, enabled=False):
             s_BHTS = torch.matmul(q_BHTD * scale, k_BHSD.transpose(-1, -2))
-            if keep_BHTS is not None:
-                s_BHTS.masked_fill_(keep_BHTS.logical_not(), float("-inf"))
+            if hide_BHTS is not None:
+                s_BHTS.masked_fill_(hide_BHTS, float("-inf"))
             p_BHTS = torch.softmax(s_BHTS, -1)
             out = torch.matmul(p_BHTS, v_BHSD)
         ctx.save_for_backward(q_BHTD, k_BHSD, v_BHSD, p_BHTS)
@@ -128,9 +128,11 @@ def probs_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Te
     """Same result as ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)`` for a
     boolean ``mask`` (True = attend) or ``causal`` (top-left aligned, as SDPA); q, k, v of one dtype."""
     T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
-    keep = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril_() if mask is None and causal \
-        else mask
-    if keep is not None and keep.dtype != torch.bool:
-        raise ValueError(f"probs_attention: boolean mask expected, got {keep.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"probs_attention: boolean mask expected, got {mask.dtype}")
+    if mask is not None:
+        hide = mask.logical_not()
+    else:  # causal: hide the keys after each query
+        hide = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).triu_(1) if causal else None
     dt = torch.promote_types(q_BHTD.dtype, torch.promote_types(k_BHSD.dtype, v_BHSD.dtype))
-    return _ProbsAttention.apply(q_BHTD.to(dt), k_BHSD.to(dt), v_BHSD.to(dt), keep)
+    return _ProbsAttention.apply(q_BHTD.to(dt), k_BHSD.to(dt), v_BHSD.to(dt), hide)
