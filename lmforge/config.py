@@ -17,9 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key path."""
+from lmforge.errors import ConfigError  # noqa: F401  (re-exported: the name every module imports from here)
 
 
 class Section(BaseModel):

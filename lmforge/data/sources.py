@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import IO, Iterator, Optional
 
 from lmforge.data.config import SourceConfig
+from lmforge.errors import DataError
 
 _EXT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv",
               ".tsv": "tsv"}
 _HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
-class BadInput(ValueError):
+class BadInput(DataError):
     """Bad input in strict mode; the message starts with ``file:line``."""
 
 

@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.errors import CheckpointError
+
 MARKER = "COMPLETE"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing file, checksum mismatch, unreadable)."""
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
