@@ -7,9 +7,9 @@ same way. MFU is against a measured matmul peak of this CPU in the same dtype.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--threads N] [--ac] [--compile]
 
-``--ac`` checkpoints every block's activations (lmforge: ``training/wrap.py`` from outside the model; HF:
+``--ac`` checkpoints every block's activations (lmforge: ``distributed/parallelize.py`` from outside the model; HF:
 ``gradient_checkpointing_enable``). ``--compile`` compiles every block with ``torch.compile`` (lmforge:
-``training/wrap.py``; HF: the same per-layer ``.compile()``), so both libraries get the same treatment.
+``distributed/parallelize.py``; HF: the same per-layer ``.compile()``), so both libraries get the same treatment.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build_lmforge():
     cfg = ModelConfig(vocab_size=s["vocab"], d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"],
                       n_kv_heads=s["heads"], ffn_hidden=s["ffn"], max_seq_len=s["seq"], tie_embeddings=True)
     model = build_model(cfg, seed=0)
-    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
+    from lmforge.distributed.parallelize import apply_activation_checkpointing, apply_compile
 
     if OPTS["ac"]:
         apply_activation_checkpointing(model)

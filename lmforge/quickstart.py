@@ -73,7 +73,7 @@ def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int =
 
     from lmforge.models import build_model
     from lmforge.training.optim import build_optimizer
-    from lmforge.training.step import accumulate_gradients
+    from lmforge.training.engine import accumulate_gradients
 
     mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
     model = build_model(mcfg, seed=0)

@@ -15,7 +15,7 @@ from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
 from lmforge.config import build_config  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.training import checkpoint as ckpt  # noqa: E402
-from lmforge.training.step import accumulate_gradients  # noqa: E402
+from lmforge.training.engine import NativeEngine, accumulate_gradients  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
 
@@ -137,20 +137,18 @@ def test_keep_last_prunes(tmp_path, data_dir):
 
 
 def test_non_finite_guard_skips_then_stops(tmp_path, data_dir, monkeypatch):
-    import lmforge.training.trainer as trainer_mod
-
-    real = trainer_mod.accumulate_gradients
+    real = NativeEngine.forward_backward
     calls = {"n": 0}
 
-    def poisoned(model, micro, device, **kw):
+    def poisoned(self, micro, objective, factor):
         calls["n"] += 1
-        loss = real(model, micro, device, **kw)
+        loss = real(self, micro, objective, factor)
         if calls["n"] >= 3:  # from step 3 on, every gradient is NaN
-            for p in model.parameters():
+            for p in self.model.parameters():
                 p.grad.fill_(float("nan"))
         return loss
 
-    monkeypatch.setattr(trainer_mod, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(NativeEngine, "forward_backward", poisoned)
     cfg = tiny_cfg(tmp_path / "run", data_dir, training={"max_steps": 20, "max_bad_steps": 3},
                    checkpoint={"every_steps": 1})
     summary = train(cfg)

@@ -7,8 +7,8 @@ import torch
 
 from lmforge.config import build_config
 from lmforge.models import build_model
-from lmforge.training.step import accumulate_gradients
-from lmforge.training.wrap import apply_activation_checkpointing
+from lmforge.training.engine import accumulate_gradients
+from lmforge.distributed.parallelize import apply_activation_checkpointing
 
 
 def _grads(every: int | None, selective: bool = False, dropout: float = 0.1):

@@ -1,8 +1,10 @@
 """``distributed.engine: deepspeed``: the same lmforge model, data and loss, stepped by ``deepspeed.initialize``.
 
-``train_with_deepspeed(cfg) -> summary`` runs a whole run in ``cfg.run_dir`` (config.yaml, metrics.jsonl,
-checkpoints/step_XXXXXXX/ in DeepSpeed's format with a ``COMPLETE`` marker, model.safetensors, summary.json).
-Launch it like any multi-process lmforge run (torchrun); without torchrun it runs as a world of one.
+``train_with_deepspeed(cfg) -> summary`` runs a whole run in ``cfg.run_dir`` through the one loop and the one
+step (``DeepSpeedEngine`` is the adapter: forward/backward, step, save, load), so it has the same signals, time
+budget, non-finite handling, early stopping and logging as every other run; checkpoints are lmforge's folder
+protocol around DeepSpeed's own model/optimizer files. Launch it like any multi-process lmforge run
+(torchrun); without torchrun it runs as a world of one.
 
 What lmforge keeps: model (``build_model``), optimizer (``build_optimizer``, decay groups), schedule
 (``build_scheduler``; DeepSpeed steps it once per optimizer step), data (``RandomWindowLoader`` per rank) and
@@ -17,18 +19,17 @@ Legend: B micro-batch, T sequence length, V vocab.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import socket
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from lmforge.config import Config, ConfigError, save_config
+from lmforge.config import Config, ConfigError
+from lmforge.training.step import schedule_step
 
 INSTALL_HINT = "distributed.engine=deepspeed needs DeepSpeed: pip install 'lmforge[deepspeed]'"
 _STAGES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
@@ -96,159 +97,124 @@ def _init_process_group(cfg: Config, deepspeed) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _latest_complete(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
-    return done[-1] if done else None
+class DeepSpeedEngine:
+    """The DeepSpeed engine behind the one ``TrainStep`` (same methods as ``training.engine.NativeEngine``).
+
+    DeepSpeed divides each micro-batch loss by ``gradient_accumulation_steps``, averages gradients over the
+    ranks, clips, steps the optimizer at the accumulation boundary and skips a step whose gradients overflow
+    (fp16 loss scaling, and ZeRO-1/2's overflow check in bf16/fp32); ``forward_backward`` multiplies the
+    step's factor by the accumulation so the gradient is lmforge's. A step DeepSpeed skipped reports an
+    infinite norm, so the loop counts it as skipped; the schedule then advances here (DeepSpeed does not
+    step it on a skipped step), as on every other engine."""
+
+    scaler = master = None
+
+    def __init__(self, ds_engine, scheduler, pdims, device: torch.device, accum: int):
+        self.ds, self.model, self.scheduler = ds_engine, ds_engine, scheduler
+        self.optimizer, self.pdims, self.device, self.accum = ds_engine.optimizer, pdims, device, accum
+        self.clip_params: list = []
+
+    def forward_backward(self, micro: list[dict], objective, factor: float) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for mb in micro:
+            ce = objective.loss_sum(self.ds, mb, self.device)
+            self.ds.backward(ce * (factor * self.accum))
+            self.ds.step()  # updates at the accumulation boundary only
+            loss_sum += ce.detach().float()
+        return loss_sum
+
+    def clip(self, max_norm) -> torch.Tensor:
+        """DeepSpeed clipped inside ``step``: its global norm, or inf when it skipped the update."""
+        norm = self.ds.get_global_grad_norm()
+        if not self.ds.was_step_applied() or norm is None:
+            norm = math.inf if not self.ds.was_step_applied() else math.nan
+        return torch.as_tensor(float(norm), dtype=torch.float32, device=self.device)
+
+    def update(self, finite: bool) -> None:
+        pass  # DeepSpeed stepped (or skipped) at the accumulation boundary
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed zeroes its gradient partitions after each boundary
+
+    def schedule_step(self) -> None:
+        if not self.ds.was_step_applied():
+            schedule_step(self.scheduler)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def loss_share(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        return loss_sum
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        self.ds.eval()
+        try:
+            yield
+        finally:
+            self.ds.train()
+
+    def eval_loss_sum(self, batch: dict, objective) -> torch.Tensor:
+        return objective.loss_sum(self.ds, batch, self.device)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Model + optimizer in DeepSpeed's own layout inside ``folder`` (collective)."""
+        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"{folder}: DeepSpeed could not load this checkpoint")
 
 
 def train_with_deepspeed(cfg: Config) -> dict:
-    """Run (or resume) ``cfg`` through DeepSpeed; returns the summary (also in ``summary.json`` on rank 0)."""
+    """Run (or resume) ``cfg`` through DeepSpeed and the one loop; returns the summary (``summary.json``)."""
     deepspeed = import_deepspeed()
-    from lmforge.data.loader import RandomWindowLoader
+    from lmforge.distributed.mesh import ParallelDims
+    from lmforge.distributed.parallelize import parallelize_model
     from lmforge.models import build_model
-    from lmforge.training.checkpoint import export_safetensors
-    from lmforge.training.metrics import MetricsLogger
+    from lmforge.training.build import StepBatches, make_loaders, materialize, open_data, resolve_model_cfg, \
+        seed_everything
+    from lmforge.training.loop import run_loop
     from lmforge.training.optim import build_optimizer
     from lmforge.training.schedule import build_scheduler
-    from lmforge.training.trainer import _open_data, _resolve_model_cfg, seed_everything
+    from lmforge.training.trainer import finish, lm_job
 
-    t_start = time.time()
     cfg = cfg.model_copy(deep=True)
     tc = cfg.training
     ds_cfg = deepspeed_config(cfg)
     rank, world = _init_process_group(cfg, deepspeed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
-    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
-    train_shards, val_shards = _open_data(cfg)
-    _resolve_model_cfg(cfg, train_shards)
+    train_shards, val_shards = open_data(cfg)
+    resolve_model_cfg(cfg, train_shards)
     seed_everything(tc.seed)
-    model = build_model(cfg.model, device=device, seed=tc.seed)
+    pdims = ParallelDims.from_config(cfg.distributed.model_copy(update={"dp_shard": -1}), world, rank,
+                                     int(os.environ.get("LOCAL_RANK", 0)), device)
+    if dist.get_backend() != "gloo":
+        pdims.host_group = dist.new_group(backend="gloo")
+    base = build_model(cfg.model, device="meta")  # the one build path; DeepSpeed does the data parallelism
+    model = parallelize_model(base, ParallelDims(1, 1, 1, 1, 1, device=device), cfg,
+                              init_fn=lambda m: materialize(base, m, tc.seed, device))
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, tc.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    loader = RandomWindowLoader(train_shards, cfg.data.seq_len, tc.micro_batch_size, seed=tc.seed, rank=rank,
-                                world_size=world, doc_mask=cfg.data.doc_mask)
-    counters = {"step": 0, "tokens": 0}
-    resumed_from = None
-    if cfg.checkpoint.resume:
-        path = _latest_complete(ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-        if path is not None:
-            if not (path / "COMPLETE").exists():
-                raise ConfigError(f"checkpoint.resume={path}: not a complete DeepSpeed checkpoint folder")
-            _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-            loader.load_state_dict(client["loader"])
-            counters.update(client["counters"])
-            resumed_from = str(path)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLogger(run_dir, tc.max_steps, is_main=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        progress=cfg.logging.progress, resume_step=counters["step"])
-
-    def all_sum(t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t)
-        return t
-
-    def save(step: int) -> Path:
-        tag = f"step_{step:07d}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loader": loader.state_dict(),
-                                                                     "counters": dict(counters)})
-        dist.barrier()
-        if rank == 0:
-            (ckpt_dir / tag / "COMPLETE").write_text(json.dumps({"step": step}))
-        dist.barrier()
-        return ckpt_dir / tag
-
-    last_saved, last_eval, accum = None, {}, tc.grad_accum_steps
-    win = torch.zeros(2, dtype=torch.float64)  # [loss sum, tokens] since the last log line
-    win_t0 = time.perf_counter()
-    try:
-        while counters["step"] < tc.max_steps:
-            micro = [loader.next_batch() for _ in range(accum)]
-            local = torch.tensor([sum(int((mb["labels"] != -100).sum()) for mb in micro)], dtype=torch.float64)
-            ntok = int(all_sum(local).item())
-            lr = scheduler.get_last_lr()[0]
-            scale = accum * world / max(ntok, 1)
-            for mb in micro:
-                doc = mb.get("doc_ids")
-                x_BT = mb["input_ids"].to(device)
-                logits_BTV = engine(x_BT, doc.to(device)) if doc is not None else engine(x_BT)
-                ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), mb["labels"].to(device).flatten(),
-                                     ignore_index=-100, reduction="sum")
-                engine.backward(ce * scale)
-                engine.step()  # DeepSpeed updates at the accumulation boundary only
-                win[0] += float(ce.detach())
-            win[1] += ntok / world
-            counters["step"] = step = counters["step"] + 1
-            counters["tokens"] += ntok
-            if step % cfg.logging.log_every == 0 or step == tc.max_steps:
-                totals = all_sum(win.clone())
-                dt = time.perf_counter() - win_t0
-                norm = engine.get_global_grad_norm()
-                log.log({"step": step, "loss": float(totals[0] / max(totals[1], 1)), "lr": lr,
-                         "grad_norm": float(norm) if norm is not None else float("nan"),
-                         "tokens_per_s": float(totals[1]) / dt if dt > 0 else 0.0, "tokens": counters["tokens"],
-                         "elapsed_s": time.time() - t_start})
-                win.zero_()
-                win_t0 = time.perf_counter()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and val_shards is not None:
-                last_eval = _eval(engine, val_shards, cfg, device, all_sum, world)
-                if last_eval:
-                    log.log({"step": step, **last_eval})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < tc.max_steps:
-                last_saved = save(step)
-        if val_shards is not None:
-            last_eval = _eval(engine, val_shards, cfg, device, all_sum, world)
-            if last_eval:
-                log.log({"step": counters["step"], **last_eval})
-        last_saved = save(counters["step"])
-        _export(engine, model, deepspeed, ds_cfg, rank, run_dir, counters["step"], export_safetensors)
-    finally:
-        log.close()
-    summary = {"engine": "deepspeed", "zero_stage": ds_cfg["zero_optimization"]["stage"], "world_size": world,
-               "stop_reason": "max_steps", "steps": counters["step"], "tokens": counters["tokens"],
-               "elapsed_s": time.time() - t_start, "final_checkpoint": str(last_saved),
-               "resumed_from": resumed_from, **last_eval}
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    engine = DeepSpeedEngine(ds, scheduler, pdims, device, tc.grad_accum_steps)
+    batches = StepBatches(make_loaders(cfg, pdims, train_shards), tc.grad_accum_steps)
+    job = lm_job(cfg, pdims, engine, batches, val_shards, base.flops_per_token(cfg.data.seq_len), deepspeed=True)
+    summary = run_loop(job)
+    summary.update(engine="deepspeed", zero_stage=ds_cfg["zero_optimization"]["stage"])
+    if summary["stop_reason"] != "non_finite":
+        _export(ds, model, deepspeed, ds_cfg, rank, Path(cfg.run_dir), summary["steps"])
+    summary = finish(cfg, pdims, model, job, summary, export=False)
+    summary["world_size"] = world
     return summary
 
 
-@torch.no_grad()
-def _eval(engine, val_shards, cfg: Config, device, all_sum, world: int) -> dict:
-    """Rank r evaluates windows r, r+world, ... of the fixed validation set; token-weighted global mean. Every
-    rank runs the same number of forwards (ZeRO-3 gathers are collective): short ranks repeat a window with
-    weight 0."""
-    from lmforge.data.loader import SequentialEvalLoader
-    from lmforge.training.step import micro_loss_sum
-
-    batches = list(SequentialEvalLoader(val_shards, cfg.data.seq_len, cfg.training.micro_batch_size,
-                                        cfg.training.eval_batches, doc_mask=cfg.data.doc_mask))
-    if not batches:
-        return {}
-    mine = batches[dist.get_rank()::world]
-    n = -(-len(batches) // world)
-    totals = torch.zeros(2, dtype=torch.float64)
-    engine.eval()
-    try:
-        for i in range(n):
-            real = i < len(mine)
-            batch = mine[i] if real else batches[0]
-            ce = micro_loss_sum(engine, batch, device)
-            if real:
-                totals += torch.tensor([float(ce), float((batch["labels"] != -100).sum())], dtype=torch.float64)
-    finally:
-        engine.train()
-    loss_sum, ntok = all_sum(totals).tolist()
-    if ntok == 0:
-        return {}
-    loss = loss_sum / ntok
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(ntok)}
-
-
-def _export(engine, model, deepspeed, ds_cfg: dict, rank: int, run_dir: Path, step: int, export_safetensors) -> None:
+def _export(engine, model, deepspeed, ds_cfg: dict, rank: int, run_dir: Path, step: int) -> None:
     """model.safetensors on rank 0 (ZeRO-3 parameters gathered first)."""
+    from lmforge.training.checkpoint import export_safetensors
+
     if ds_cfg["zero_optimization"]["stage"] == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:

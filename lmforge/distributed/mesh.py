@@ -41,6 +41,7 @@ class ParallelDims:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world_mesh: Optional[object] = None  # DeviceMesh when built
+    host_group: Optional[object] = None  # a gloo group for host-side agreements (None: the default group)
 
     @classmethod
     def from_config(cls, dcfg: DistributedConfig, world_size: int, rank: int = 0, local_rank: int = 0,
@@ -238,6 +239,8 @@ def init_distributed(cfg, heartbeat_interval_s: float = 1.0) -> ParallelDims:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=dcfg.timeout_s))
     pdims.build_mesh()
+    if dist.get_backend() != "gloo":  # counts and flags agreed on the host never touch the device stream
+        pdims.host_group = dist.new_group(backend="gloo")
     store = dist.distributed_c10d._get_default_store()
     _WATCHDOG = _Heartbeat(store, rank, world, dcfg.timeout_s, heartbeat_interval_s)
     _WATCHDOG.start()

@@ -1,12 +1,12 @@
-"""Apply parallelism to a parallelism-free Llama from the outside.
+"""Apply parallelism (and activation checkpointing / compile) to a parallelism-free model from the outside.
 
 ``parallelize_model(model, pdims, cfg)`` applies, in this order (each step optional):
 
 1. tensor parallel (DTensor ``parallelize_module``): wq/wk/wv/w1/w3 column-wise, wo/w2 row-wise; the
    attention module's head counts are divided by ``tp``. Embeddings, norms and the output head stay
    replicated across the tp group (their gradients are identical on every tp rank).
-2. activation checkpointing (``training.activation_checkpointing``, ``ac_every``, ``ac_selective``; the same
-   wrapper as single-process runs, RNG preserved; canonical FQNs are kept).
+2. activation checkpointing (``training.activation_checkpointing``, ``ac_every``, ``ac_selective``;
+   non-reentrant, RNG preserved; canonical FQNs are kept).
 3. ``torch.compile`` per block (``training.compile``, ``compile_cache_dir``).
 4. data parallel over the "dp" dims:
    - zero3: FSDP2 ``fully_shard`` per block then root, ``reshard_after_forward=True`` (params, grads and
@@ -26,6 +26,8 @@ Pipeline parallel (``pp > 1``) splits the model first, see ``lmforge.distributed
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +39,12 @@ from lmforge.distributed.mesh import ParallelDims
 _HEAD_ATTRS = ("n_heads", "n_kv_heads", "n_local_heads", "n_local_kv_heads", "num_heads", "num_kv_heads")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+
+# ops whose outputs selective checkpointing keeps (the expensive ones); everything else is recomputed
+_SAVE_OPS = [getattr(torch.ops.aten, n).default for n in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, n)]
 
 _BLOCK_LISTS = ("layers", "layer")  # lmforge models; transformers encoders (encoder.layer)
 
@@ -77,6 +85,39 @@ def _set_block(model: nn.Module, name: str, block: nn.Module) -> None:
         layers[name] = block
     else:
         layers[int(name)] = block
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, selective: bool = False) -> int:
+    """Wrap every ``every``-th block (0, k, 2k, ...) with non-reentrant checkpointing (RNG state preserved,
+    so dropout masks replay exactly). ``selective``: keep matmul/attention outputs, recompute the rest.
+    State-dict names are unchanged. Returns the number of wrapped blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    kwargs = {}
+    if selective:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _SAVE_OPS)
+    n = 0
+    for i, (name, block) in enumerate(blocks(model)):
+        if i % every == 0:
+            _set_block(model, name, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs))
+            n += 1
+    return n
+
+
+def apply_compile(model: nn.Module, cache_dir: Optional[str] = None) -> None:
+    """``torch.compile`` each block (same graph reused across identical blocks); ``cache_dir`` keeps
+    Inductor's compiled artifacts across runs."""
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.abspath(cache_dir), "triton"))
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+    for _, block in blocks(model):
+        block.compile(dynamic=False)
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> None:
@@ -130,8 +171,6 @@ def parallelize_model(model: nn.Module, pdims: ParallelDims, cfg,
     ``PipelineStageModule`` when ``pp > 1`` (then drive it with ``pipeline.build_schedule``).
     ``init_fn(module)`` materialises a meta-built model after sharding (before the DDP wrap, which
     broadcasts rank 0's weights)."""
-    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
-
     dcfg, tcfg = cfg.distributed, cfg.training
     if pdims.pp > 1:
         from lmforge.distributed.pipeline import split_for_pipeline
@@ -159,7 +198,7 @@ def parallelize_model(model: nn.Module, pdims: ParallelDims, cfg,
 
             dev = [pdims.device.index] if pdims.device.type == "cuda" else None
             model = DDP(model, device_ids=dev, process_group=pdims.group("dp"))
-    elif dcfg.cpu_offload:
+    elif dcfg.cpu_offload and pdims.is_distributed:
         raise ConfigError("distributed.cpu_offload=true needs data-parallel degree > 1 (FSDP2)")
     return model
 

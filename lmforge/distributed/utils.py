@@ -9,7 +9,6 @@ gradient of the mean loss over every valid token of the global batch (all micro-
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterable
 
 import torch
@@ -42,44 +41,40 @@ def reduce_mean(value: float | torch.Tensor, pdims: ParallelDims, dim: str = "dp
     return float(t.item())
 
 
-def _local_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of the grads' *global* values; DTensor grads are reduced over their own mesh."""
+def _sq_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of the grads' *global* values (float64, on ``device``, no host sync); DTensor grads are
+    reduced over their own mesh."""
     from torch.distributed.tensor import DTensor
 
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     groups: dict[tuple, list] = {}
-    plain = []
     for g in grads:
         if isinstance(g, DTensor):
             groups.setdefault((id(g.device_mesh), g.placements), []).append(g)
         else:
-            plain.append(g)
-    if plain:
-        total += sum(p.detach().double().pow(2).sum().cpu() for p in plain)
+            total = total + g.detach().double().pow(2).sum().to(device)
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=False)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total += norm.detach().double().cpu() ** 2
+        total = total + norm.detach().double().to(device) ** 2
     return total
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor] | nn.Module, max_norm: float | None,
-                   pdims: ParallelDims) -> float:
-    """Global L2 grad norm over all ranks' params (TP/FSDP DTensors reduced per mesh, pipeline stages summed);
-    grads are scaled in place when ``max_norm`` is set. Returns the norm before clipping."""
+                   pdims: ParallelDims) -> torch.Tensor:
+    """Global L2 grad norm over all ranks' params (TP/FSDP DTensors reduced per mesh, pipeline stages summed)
+    as a device tensor (no host sync); grads are scaled in place when ``max_norm`` is set. Returns the norm
+    before clipping."""
     params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
     grads = [p.grad for p in params if p.grad is not None]
-    sq = _local_sq_norm(grads)
+    sq = _sq_norm(grads, pdims.device)
     if pdims.pp > 1:
-        sq_t = sq.to(pdims.device)
-        dist.all_reduce(sq_t, group=pdims.group("pp"))
-        sq = sq_t.cpu()
-    total = math.sqrt(float(sq))
+        dist.all_reduce(sq, group=pdims.group("pp"))
+    total = sq.sqrt()
     if max_norm is not None and grads:
-        coef = min(1.0, max_norm / (total + 1e-6))
-        if coef < 1.0:
-            for g in grads:  # per tensor: plain and DTensor grads (TP mix) cannot share one foreach call
-                g.mul_(coef)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:  # per tensor: plain and DTensor grads (TP mix) cannot share one foreach call
+            g.mul_(coef.to(g.dtype))
     return total
 
 

@@ -1,16 +1,16 @@
-"""Building a run's pieces under a ``ParallelDims``: data, model (parallelised), optimizer, schedule, loaders.
+"""The one build path: data, model, optimizer, schedule and loaders of a run, at every world size.
 
-World size 1 keeps the plain single-process path (model built and initialised on the device, optional bf16
-master weights, activation checkpointing / compile from ``training.*``). World size > 1 builds the model on
-the meta device, applies ``parallelize_model`` (pipeline split → TP → AC → compile → FSDP2/DDP), then
-materialises and initialises the weights after sharding: every rank draws the same full tensors from the
-seed and keeps its shard, so the values equal the single-process init.
+Every run builds the model on the meta device, applies ``parallelize_model`` (pipeline split → TP →
+activation checkpointing → compile → FSDP2 / DDP; at world size 1 only AC and compile), then materialises and
+initialises the weights: every rank draws the same full tensors from the seed and keeps its shard, so the
+values equal the single-process init whatever the layout. bf16 parameters get fp32 master weights (single
+process). The result is an engine (``training/engine.py``) the one ``TrainStep`` drives.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,9 @@ def check_distributed(cfg: Config, pdims) -> None:
         raise ConfigError("training.param_dtype=bfloat16 is single-process only; with several processes use "
                           "distributed.param_dtype=bfloat16 (FSDP2 computes in bf16 over sharded fp32 weights, "
                           "strategy zero2/zero3)")
-    if cfg.model.arch != "llama":
-        raise ConfigError(f"distributed training supports model.arch=llama (got {cfg.model.arch!r})")
+    if cfg.model.arch != "llama" and (pdims.tp > 1 or pdims.pp > 1):
+        raise ConfigError(f"distributed.tp / distributed.pp > 1 support model.arch=llama (got {cfg.model.arch!r}); "
+                          "gpt2 and bert train data parallel (ddp, zero1, zero2, zero3)")
     if pdims.pp > 1 and cfg.model.tie_embeddings:
         raise ConfigError(f"distributed.pp={pdims.pp} needs model.tie_embeddings=false (the embedding and the "
                           "output head live on different pipeline stages)")
@@ -78,35 +79,6 @@ def check_distributed(cfg: Config, pdims) -> None:
             raise ConfigError(f"distributed.pp_microbatches={m} must divide training.micro_batch_size × "
                               f"grad_accum_steps = {tc.micro_batch_size} × {tc.grad_accum_steps} = {rows} "
                               "(with pp > 1 all accumulation micro-batches form one pipelined batch)")
-
-
-@dataclass
-class Parts:
-    """What the loop drives. ``model``: module to run (DDP wrapper / FSDP model / pipeline stage);
-    ``base``: the unwrapped Llama (FLOPs, config; under pp other stages' weights stay on meta)."""
-
-    model: nn.Module
-    base: nn.Module
-    optimizer: Any
-    scheduler: Any
-    scaler: Any = None
-    master: Any = None
-    schedule: Any = None  # pipeline schedule when pp > 1
-    pp_state: dict = field(default_factory=dict)  # the pipeline loss_fn's scale and collected CE sums
-    model_is_sharded: bool = False  # built under a process group (checkpoints go through DCP)
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-
-def _wrap_model(model, tc) -> None:
-    from lmforge.training.wrap import apply_activation_checkpointing, apply_compile
-
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model, every=tc.ac_every, selective=tc.ac_selective)
-    if tc.compile:
-        apply_compile(model, cache_dir=tc.compile_cache_dir)
 
 
 def materialize(base: nn.Module, module: nn.Module, seed: int, device: torch.device) -> None:
@@ -122,49 +94,52 @@ def materialize(base: nn.Module, module: nn.Module, seed: int, device: torch.dev
         module.rope_cos, module.rope_sin = base.rope_cos, base.rope_sin
 
 
-def build_parts(cfg: Config, pdims, device: torch.device) -> Parts:
+@dataclass
+class Built:
+    engine: Any  # NativeEngine / PipelineEngine
+    base: nn.Module  # the unwrapped model (FLOPs, config; under pp other stages' weights stay on meta)
+
+
+def build_engine(cfg: Config, pdims, device: torch.device) -> Built:
+    from lmforge.distributed.parallelize import parallelize_model, shard_optimizer
     from lmforge.models import build_model
+    from lmforge.training.engine import NativeEngine, PipelineEngine
     from lmforge.training.optim import build_optimizer
     from lmforge.training.precision import MasterWeights, make_loss_scaler
     from lmforge.training.schedule import build_scheduler
 
     tc = cfg.training
-    if not pdims.is_distributed:
-        model = build_model(cfg.model, device=device, seed=tc.seed)
-        master = MasterWeights.maybe(model, tc)
-        _wrap_model(model, tc)
-        optimizer = build_optimizer(master.model_for_optimizer() if master else model, cfg.optimizer)
-        scheduler = build_scheduler(optimizer, cfg.scheduler, tc.max_steps)
-        return Parts(model, model, optimizer, scheduler, make_loss_scaler(tc), master)
-    from lmforge.distributed.parallelize import parallelize_model, shard_optimizer
-
     base = build_model(cfg.model, device="meta")
     model = parallelize_model(base, pdims, cfg, init_fn=lambda m: materialize(base, m, tc.seed, device))
-    optimizer = shard_optimizer(build_optimizer(model, cfg.optimizer), pdims, cfg)
+    master = MasterWeights.maybe(model, tc)
+    optimizer = build_optimizer(model, cfg.optimizer, master.substitute() if master else None)
+    optimizer = shard_optimizer(optimizer, pdims, cfg)
     scheduler = build_scheduler(optimizer, cfg.scheduler, tc.max_steps)
-    parts = Parts(model, base, optimizer, scheduler, make_loss_scaler(tc), model_is_sharded=True)
+    args = (model, optimizer, scheduler, pdims, device, tc.precision)
+    kw = dict(scaler=make_loss_scaler(tc), master=master)
     if pdims.pp > 1:
-        parts.schedule = _pipeline_schedule(parts, pdims, cfg)
-    return parts
+        from lmforge.distributed.pipeline import build_schedule
+
+        engine = PipelineEngine(*args, schedule_factory=lambda m, loss_fn: build_schedule(m, pdims, cfg, loss_fn), **kw)
+    else:
+        engine = NativeEngine(*args, **kw)
+    return Built(engine, base)
 
 
-def _pipeline_schedule(parts: Parts, pdims, cfg):
-    import torch.nn.functional as F
+class StepBatches:
+    """The micro-batches of each optimizer step from a window loader; checkpointed as the loader."""
 
-    from lmforge.distributed.pipeline import build_schedule
-    from lmforge.training.step import IGNORE
+    def __init__(self, loader, accum: int):
+        self.loader, self.accum = loader, accum
 
-    st = parts.pp_state
-    st.update(scale=1.0, ce=[])
+    def next_step(self) -> list[dict]:
+        return [self.loader.next_batch() for _ in range(self.accum)]
 
-    def loss_fn(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE,
-                             reduction="sum")
-        if not ce.is_meta:  # the schedule's first step also runs shape inference on meta tensors
-            st["ce"].append(ce.detach())
-        return ce * st["scale"]
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
 
-    return build_schedule(parts.model, pdims, cfg, loss_fn)
+    def load_state_dict(self, sd: dict) -> None:
+        self.loader.load_state_dict(sd)
 
 
 def make_loaders(cfg: Config, pdims, train_shards):
@@ -175,10 +150,6 @@ def make_loaders(cfg: Config, pdims, train_shards):
                                 seed=cfg.training.seed, rank=pdims.dp_rank, world_size=pdims.dp,
                                 doc_mask=cfg.data.doc_mask)
     return mlm_loaders_for(cfg, train_loader=loader, rank=pdims.dp_rank)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def device_for(pdims, want: str) -> torch.device:

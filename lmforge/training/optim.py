@@ -61,9 +61,12 @@ def _impl_kwargs(params: list[torch.Tensor], fused_ok: bool) -> dict:
     return {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD / Lion / Adafactor over ``param_groups(model, cfg)``."""
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, substitute: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD / Lion / Adafactor over ``param_groups(model, cfg)``; ``substitute`` maps
+    id(model parameter) → the tensor the optimizer steps instead (fp32 master weights)."""
     groups = param_groups(model, cfg)
+    if substitute:
+        groups = [{**g, "params": [substitute[id(p)] for p in g["params"]]} for g in groups]
     if not groups:
         raise ConfigError("model has no trainable parameters (all requires_grad=False)")
     params = [p for g in groups for p in g["params"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -24,18 +23,22 @@ class DynamicLossScaler:
         self.iter, self.last_overflow_iter = 0, -1
 
     def unscale_(self, params) -> bool:
-        """Divide grads by the scale in place; True when all are finite."""
+        """Divide grads by the scale in place; True when all are finite (a host read)."""
+        return not bool(self.found_inf_(params).item())
+
+    def found_inf_(self, params) -> torch.Tensor:
+        """Divide grads by the scale in place; a device tensor, nonzero when some grad is inf/NaN (no sync)."""
         grads = [p.grad for p in params if p.grad is not None]
+        found_inf = torch.zeros(1, device=grads[0].device if grads else "cpu")
         if not grads:
-            return True
-        found_inf = torch.zeros(1, device=grads[0].device)
+            return found_inf
         inv = torch.full((1,), 1.0 / self.scale, device=grads[0].device)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         for gs in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, inv)
-        return not bool(found_inf.item())
+        return found_inf
 
     def update(self, found_inf: bool) -> Optional[str]:
         msg = None
@@ -83,14 +86,17 @@ def cast_params_(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 class MasterWeights:
-    """fp32 copies of low-precision params. The optimizer steps the copies; the model gets them rounded."""
+    """fp32 copies of low-precision params. The optimizer steps the copies (same parameter groups, see
+    ``build_optimizer(substitute=...)``); after each step the model gets them rounded."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.master = copy.deepcopy(model)
-        cast_params_(self.master, torch.float32)
-        self.model_params = list(model.parameters())
-        self.master_params = list(self.master.parameters())
+        named: dict[int, tuple[str, nn.Parameter]] = {}
+        for name, p in model.named_parameters():  # tied parameters once
+            named.setdefault(id(p), (canonical_name(name), p))
+        self.names = [n for n, _ in named.values()]
+        self.model_params = [p for _, p in named.values()]
+        self.master_params = [nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+                              for p in self.model_params]
 
     @classmethod
     def maybe(cls, model: nn.Module, tc) -> Optional["MasterWeights"]:
@@ -99,8 +105,9 @@ class MasterWeights:
         cast_params_(model, torch.bfloat16)
         return cls(model) if tc.master_weights else None
 
-    def model_for_optimizer(self) -> nn.Module:
-        return self.master
+    def substitute(self) -> dict[int, nn.Parameter]:
+        """id(model parameter) → its fp32 master, for building the optimizer over the masters."""
+        return {id(p): m for p, m in zip(self.model_params, self.master_params)}
 
     @torch.no_grad()
     def grads_to_master(self) -> None:
@@ -116,8 +123,15 @@ class MasterWeights:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.master.state_dict().items()}
+        return {n: m.detach().cpu() for n, m in zip(self.names, self.master_params)}
 
+    @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
-        self.master.load_state_dict(sd)
+        for n, m in zip(self.names, self.master_params):
+            m.copy_(sd[n])
         self.master_to_model()
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the wrappers' prefixes (DDP, activation checkpointing, torch.compile)."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
