@@ -161,6 +161,11 @@ class SequentialEvalLoader:
     def __len__(self) -> int:
         return len(self._batches)
 
+    @property
+    def batch_windows(self) -> list[list[int]]:
+        """The global window indices of each batch, in order."""
+        return self._batches
+
     def __iter__(self) -> Iterator[dict]:
         T = self.seq_len
         for idx in self._batches:
