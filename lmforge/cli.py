@@ -21,8 +21,9 @@ _OS_HINTS = {errno.EROFS: "the file system is read-only: choose a writable folde
              errno.EACCES: "check the path's permissions, or choose a folder you can write to",
              errno.EPERM: "check the path's permissions, or choose a folder you can write to",
              errno.ENOSPC: "the disk is full: free some space or write to another disk",
-             errno.EDQUOT: "the disk quota is exhausted: free some space or write to another disk"}
-_USER_ERRNOS = set(_OS_HINTS) | {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+             errno.EDQUOT: "the disk quota is exhausted: free some space or write to another disk",
+             errno.ENOTDIR: "a part of this path is a file, not a folder"}
+_USER_ERRNOS = set(_OS_HINTS) | {errno.ENOENT, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
                                  errno.ELOOP, errno.ENOTEMPTY}
 
 
