@@ -69,8 +69,6 @@ def _cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from lmforge.config import load_config
-
     overrides = list(extra)
     if args.resume:
         overrides.append(f"--checkpoint.resume={args.resume}")

@@ -4,6 +4,7 @@ line (plus ``hint:``) and exit 2, never a traceback; an internal error is a trac
 
 import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -87,7 +88,8 @@ CASES = [
     ("train-nproc-0", lambda d: ["train", "--nproc", "0"], "--nproc 0"),
     ("train-nproc-negative", lambda d: ["train", "--nproc", "-2"], "--nproc -2"),
     ("train-bad-override-form", lambda d: ["train", "training.max_steps=3"], "expected an override"),
-    ("train-no-data", lambda d: ["train", f"--run_dir={d / 'r_nodata'}", "--model.preset=tiny"], "data.path is not set"),
+    ("train-no-data", lambda d: ["train", f"--run_dir={d / 'r_nodata'}", "--model.preset=tiny"],
+     "data.path is not set"),
     ("config-bad-value", lambda d: ["config", "--training.max_steps=0"],
      "command line: invalid value for 'training.max_steps': 0"),
     ("generate-top-p-0", lambda d: ["generate", "--run", d / "run", "--prompt", "a", "--top-p", "0"], "--top-p 0"),
@@ -217,12 +219,13 @@ def test_lmforge_debug_shows_the_traceback_of_a_user_error(capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv,needle", [
     (["-m", "lmforge", "train", "--nproc", "0"], "lmforge train: error: --nproc 0"),
-    (["-m", "lmforge", "generate", "--run", "x", "--prompt", "a", "--top-p", "0"], "lmforge generate: error: --top-p 0"),
+    (["-m", "lmforge", "generate", "--run", "x", "--prompt", "a", "--top-p", "0"],
+     "lmforge generate: error: --top-p 0"),
     (["-m", "lmforge.data.cli", "inspect", "/nonexistent/packed"], "lmforge data inspect: error: no manifest.json"),
 ])
 def test_subprocess_exit_code_and_stderr(argv, needle):
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in __import__("os").environ.items() if k != "LMFORGE_DEBUG"})
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_DEBUG"}
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
 
