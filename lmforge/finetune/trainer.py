@@ -150,16 +150,11 @@ def _finetune(cfg: FinetuneConfig, fd) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fd.is_main:
-        save_finetune_config(cfg, run_dir / "finetune.yaml")
     metric, mode = cfg.selection_metric()
 
     backbone, tok, base_info = load_base(cfg.base.path, cfg.base.tokenizer)
     added = extend_vocab(cfg, backbone, tok) if cfg.base.add_unknown_chars else []
     if added:
-        if fd.is_main:
-            tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
         base_info = {**base_info, "added_tokens": len(added)}
     data: TaskData = load_task_data(cfg, tok)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
@@ -172,6 +167,11 @@ def _finetune(cfg: FinetuneConfig, fd) -> dict:
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
     if fd.distributed:
         device = fd.device  # this rank's, from train.device and LOCAL_RANK
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad base, data file or device leaves no folder
+    if fd.is_main:
+        save_finetune_config(cfg, run_dir / "finetune.yaml")
+        if added:
+            tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
     fd.keep_unsharded_copy(applied)  # rank 0 of a distributed lora/sft run: for merged/ and the export
     model = fd.parallelize(applied.model.to(device))  # method first, then shard (FSDP2) or wrap (DDP)
     optimizer = prefer_fused(build_optimizer(model, cfg.optimizer))
