@@ -124,9 +124,7 @@ class Bert(nn.Module):
         """tanh(dense(h[:, 0])) — the [CLS] summary used by NSP."""
         return torch.tanh(self.pooler(h_BTD[:, 0]))
 
-    def forward(self, tokens_BT, doc_ids_BT=None, *, labels_BT=None, reduction: str = "mean", **kw) -> torch.Tensor:
-        if labels_BT is not None:
-            return self.loss(tokens_BT, labels_BT, doc_ids_BT, reduction=reduction, **kw)
+    def forward(self, tokens_BT, doc_ids_BT=None, **kw) -> torch.Tensor:
         return self.mlm_head(self.hidden_states(tokens_BT, doc_ids_BT, **kw)).float()
 
     def nsp_logits(self, tokens_BT, **kw) -> torch.Tensor:
@@ -134,8 +132,7 @@ class Bert(nn.Module):
             raise ValueError("this BERT model was built without an NSP head (nsp_head=True)")
         return self.nsp_head(self.pooled(self.hidden_states(tokens_BT, **kw))).float()
 
-    def loss(self, tokens_BT, labels_BT, doc_ids_BT=None, ignore_index: int = -100, reduction: str = "mean",
-             **kw) -> torch.Tensor:
+    def loss(self, tokens_BT, labels_BT, doc_ids_BT=None, ignore_index: int = -100, **kw) -> torch.Tensor:
         """Masked-LM loss: mean cross-entropy over positions whose label != ignore_index (no shift)."""
         h_ND = self.mlm_head.transform(self.hidden_states(tokens_BT, doc_ids_BT, **kw)).flatten(0, 1)
         labels_N = labels_BT.flatten()
@@ -143,4 +140,4 @@ class Bert(nn.Module):
         logits_NV = torch.nn.functional.linear(h_ND[keep], self.mlm_head.decoder.weight, self.mlm_head.decoder.bias)
         if keep.sum() == 0:
             return logits_NV.sum() * 0.0
-        return torch.nn.functional.cross_entropy(logits_NV.float(), labels_N[keep], reduction=reduction)
+        return torch.nn.functional.cross_entropy(logits_NV.float(), labels_N[keep])

@@ -154,9 +154,7 @@ class GPT2(nn.Module):
             cache.advance(T)
         return self.norm(x_BTD)
 
-    def forward(self, tokens_BT, doc_ids_BT=None, *, labels_BT=None, reduction: str = "mean", **kw) -> torch.Tensor:
-        if labels_BT is not None:
-            return self.loss(tokens_BT, labels_BT, doc_ids_BT, reduction=reduction)
+    def forward(self, tokens_BT, doc_ids_BT=None, **kw) -> torch.Tensor:
         return self.output(self.hidden_states(tokens_BT, doc_ids_BT, **kw)).float()
 
     def loss(self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None,

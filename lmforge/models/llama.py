@@ -202,10 +202,7 @@ class Llama(nn.Module):
             cache.advance(T)
         return self.norm(x_BTD)
 
-    def forward(self, tokens_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None, *, labels_BT=None,
-                reduction: str = "mean", **kw) -> torch.Tensor:
-        if labels_BT is not None:
-            return self.loss(tokens_BT, labels_BT, doc_ids_BT, reduction=reduction)
+    def forward(self, tokens_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
         h_BTD = self.hidden_states(tokens_BT, doc_ids_BT, **kw)
         return self.output(h_BTD).float()
 

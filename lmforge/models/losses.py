@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # labels with this value are not targets (padding, prompt tokens, unmasked MLM positions)
-
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
