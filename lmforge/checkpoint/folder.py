@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,25 +40,20 @@ class Comm:
         self.rank, self.size = (dist.get_rank(), dist.get_world_size()) if self.on else (0, 1)
 
     def gather(self, obj) -> list:
-        if not self.on:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
+        """Every rank's ``obj``, in rank order."""
+        out = [obj] * self.size
+        if self.on:
+            dist.all_gather_object(out, obj)
         return out
 
-    def bcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if not self.on:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def first(self, error: Optional[str]) -> Optional[str]:
+        """The first rank's error (None when no rank has one), the same on every rank."""
+        return next((e for e in self.gather(error) if e), None)
 
     def agree(self, error: Optional[str]) -> None:
         """Raise the first rank's error on every rank (so no rank is left waiting in a collective)."""
-        errors = [e for e in self.gather(error) if e]
-        if errors:
-            raise CheckpointError(errors[0])
+        if (error := self.first(error)) is not None:
+            raise CheckpointError(error)
 
 
 def step_folder(run_dir: str | Path, step: int) -> Path:
@@ -100,11 +96,8 @@ def read_manifest(folder: Path) -> dict:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
@@ -115,12 +108,9 @@ def _files(folder: Path) -> list[str]:
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
+    with suppress(OSError):  # some filesystems refuse fsync on directories
         os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 _VERIFIED: dict[tuple, tuple] = {}  # (folder, rank, ranks) → file stats when its share last verified
@@ -139,8 +129,7 @@ def problem(folder: Path, comm: Optional[Comm] = None) -> Optional[str]:
         _check(folder, read_manifest(folder)["files"], comm)
     except (CheckpointError, OSError) as e:
         err = str(e)
-    errors = [e for e in comm.gather(err) if e]
-    return errors[0] if errors else None
+    return comm.first(err)
 
 
 def _check(folder: Path, files: dict, comm: Comm) -> None:
@@ -196,7 +185,7 @@ def write_folder(run_dir: str | Path, step: int, write: Callable[[Path], None], 
     """The protocol (collective with a collective ``comm``). ``write(tmp)`` writes this rank's files;
     ``manifest`` is completed with format_version, step, time and files."""
     final = step_folder(run_dir, step)
-    tmp, err = final.parent / f"{final.name}.tmp-{comm.bcast(os.getpid())}", None
+    tmp, err = final.parent / f"{final.name}.tmp-{comm.gather(os.getpid())[0]}", None
     if comm.rank == 0:
         try:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -66,10 +66,10 @@ class CheckpointManager:
         if self.engine is not None:
             self.engine.save_checkpoint(tmp)
         else:
-            state = {"model": st.model_entries(self.model, self.model_filter)}
+            state = {"model": st.model_entries(self.model, self.model_filter)[0]}
             if self.optimizer is not None:
                 state["optim"] = st.optim_entries(self.model, self.optimizer)
-            st.dcp_save(state, tmp, self.comm.on)
+            st.dcp_io("save", state, tmp, self.comm.on)
         torch.save(_states(self.per_rank), tmp / f"rank_{self.comm.rank:05d}.pt")
         if self.comm.rank == 0:
             torch.save(_states(self.shared), tmp / "trainer.pt")
@@ -120,10 +120,8 @@ class CheckpointManager:
                   if k.startswith("model.") and hasattr(m, "size")}
         want: dict = {"model": st.check_model(self.model, shapes, str(folder), self.comm, self.model_filter)}
         if self.optimizer is not None:
-            has_state = any(k.startswith("optim.state.") for k in saved)
-            flat = self._live_optim(folder, {k[len("optim."):] for k in saved if k.startswith("optim.")}, has_state)
-            want["optim"] = {k: v for k, v in flat.items() if f"optim.{k}" in saved}
-        st.dcp_load(want, folder, self.comm.on)
+            want["optim"] = self._live_optim(folder, {k[len("optim."):] for k in saved if k.startswith("optim.")})
+        st.dcp_io("load", want, folder, self.comm.on)
         if self.optimizer is not None:
             st.put_optim(self.model, self.optimizer, want["optim"])
 
@@ -133,22 +131,21 @@ class CheckpointManager:
         for k, v in st.check_model(self.model, shapes, str(folder), self.comm, self.model_filter).items():
             st.fill(v, weights[k])
         if self.optimizer is not None:
-            live = self._live_optim(folder, set(flat or ()), True)
-            st.put_optim(self.model, self.optimizer, {k: flat[k] for k in live if k in flat})
+            live = self._live_optim(folder, set(flat or ()))
+            st.put_optim(self.model, self.optimizer, {k: flat[k] for k in live})
         return shared, mine
 
-    def _live_optim(self, folder: Path, saved: set, has_state: bool) -> dict:
-        """The live optimizer's flattened entries (its state created when the checkpoint has some), after
-        checking on every rank that the checkpoint holds a value for each state tensor."""
-        err = None
-        if not saved:
-            err = f"{folder}: holds no optimizer state (saved without an optimizer)"
-        flat = st.optim_entries(self.model, self.optimizer, init=has_state) if not err else {}
+    def _live_optim(self, folder: Path, saved: set) -> dict:
+        """The live optimizer's flattened entries that the checkpoint holds (``saved``: its optimizer keys),
+        the state created first when the checkpoint has some; every rank checks that each state tensor has a
+        saved value."""
+        has_state = any(k.startswith("state.") for k in saved)
+        flat = st.optim_entries(self.model, self.optimizer, init=has_state) if saved else {}
         missing = [k for k in flat if k.startswith("state.") and k not in saved]
-        if missing:
-            err = f"{folder}: no optimizer state for {', '.join(missing[:4])} (saved with another optimizer?)"
-        self.comm.agree(err)
-        return flat
+        self.comm.agree(f"{folder}: holds no optimizer state (saved without an optimizer)" if not saved else
+                        f"{folder}: no optimizer state for {', '.join(missing[:4])} (saved with another "
+                        "optimizer?)" if missing else None)
+        return {k: v for k, v in flat.items() if k in saved}
 
 
 def _states(objs: Mapping[str, Any]) -> dict:

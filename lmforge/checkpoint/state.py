@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from contextlib import contextmanager
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -69,38 +68,33 @@ def _is_dtensor(t) -> bool:  # without importing torch.distributed.tensor (~1 s)
     return mod is not None and isinstance(t, mod.DTensor)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def aliases(entries: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Entry → the earlier entry it shares storage with (tied weights)."""
     first: dict[tuple, str] = {}
     out = {}
     for k, v in entries.items():
-        loc = _local(v)
-        if loc.is_meta or loc.numel() == 0:
-            continue
-        key = (loc.untyped_storage().data_ptr(), loc.storage_offset(), tuple(loc.shape))
-        if key in first:
+        loc = v.to_local() if _is_dtensor(v) else v
+        key = None if loc.is_meta or not loc.numel() else \
+            (loc.untyped_storage().data_ptr(), loc.storage_offset(), tuple(loc.shape))
+        if key is not None and first.setdefault(key, k) != k:
             out[k] = first[key]
-        else:
-            first[key] = k
     return out
 
 
-def model_entries(model: nn.Module, model_filter: Optional[ModelFilter] = None) -> dict[str, torch.Tensor]:
+def model_entries(model: nn.Module, model_filter: Optional[ModelFilter] = None) -> tuple[dict, list[str]]:
+    """(this rank's entries, minus tied aliases and what ``model_filter`` rejects; every entry name)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model)
     tied = aliases(sd)
-    return {k: v for k, v in sd.items() if k not in tied and (model_filter is None or model_filter(k, v))}
+    return {k: v for k, v in sd.items() if k not in tied and (model_filter is None or model_filter(k, v))}, list(sd)
 
 
-def _is_zero(optimizer) -> bool:
+def _inner(optimizer):
+    """The optimizer holding the state: ZeRO-1's local one (its partition), else the optimizer itself."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    return isinstance(optimizer, ZeroRedundancyOptimizer)
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
 def _param_names(model: nn.Module, optimizer) -> dict[int, str]:
@@ -117,7 +111,7 @@ def optim_entries(model: nn.Module, optimizer, init: bool = False) -> dict:
     """Flattened optimizer state; ``init`` first creates the state of a fresh optimizer (a zero step)."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-    local = optimizer.optim if _is_zero(optimizer) else optimizer
+    local = _inner(optimizer)
     if init and not local.state:
         _init_optim_state(local)
     names, out = _param_names(model, optimizer), {}
@@ -149,7 +143,7 @@ def fill(dest: torch.Tensor, full: torch.Tensor) -> None:
 
 def put_optim(model: nn.Module, optimizer, flat: Mapping) -> None:
     """Write flattened values (loaded in place, or full tensors) back into the live optimizer."""
-    local = optimizer.optim if _is_zero(optimizer) else optimizer
+    local = _inner(optimizer)
     names = _param_names(model, optimizer)
     for p, st in local.state.items():
         for k in list(st):
@@ -171,15 +165,11 @@ def check_model(model: nn.Module, saved: Mapping[str, tuple], where: str, comm,
     """The live entries to fill from ``saved`` (name → shape), after checking on every rank (collective with a
     collective ``comm``) that nothing is missing, no shape differs and every saved tensor has a home
     somewhere (a pipeline stage holds only its part). Raises one ``CheckpointError`` naming the tensors."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    sd = get_model_state_dict(model)
-    tied = aliases(sd)
-    live = {k: v for k, v in sd.items() if k not in tied and (model_filter is None or model_filter(k, v))}
+    live, names = model_entries(model, model_filter)
     missing = [k for k in live if k not in saved]
     shapes = [f"{k} {tuple(saved[k])} in the checkpoint, {tuple(live[k].shape)} in the model"
               for k in live if k in saved and tuple(saved[k]) != tuple(live[k].shape)]
-    parts = comm.gather((missing, shapes, sorted(sd)))
+    parts = comm.gather((missing, shapes, names))
     known = {k for _, _, names in parts for k in names}
     problems = {"missing from the checkpoint": [k for m, _, _ in parts for k in m],
                 "shape": [x for _, s, _ in parts for x in s],
@@ -195,26 +185,14 @@ def check_model(model: nn.Module, saved: Mapping[str, tuple], where: str, comm,
 # ----------------------------------------------------------------------------- DCP files
 
 
-@contextmanager
-def _quiet():
+def dcp_io(op: str, state: dict, folder, collective: bool) -> None:
+    """``dcp.save`` / ``dcp.load`` (in place, resharding as needed) of ``state``; collective over the default
+    group if asked, else by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():  # DCP warns on every process-local call, even when asked for one
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
-        yield
-
-
-def dcp_save(state: dict, folder, collective: bool) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    with _quiet():
-        dcp.save(state, checkpoint_id=str(folder), no_dist=not collective)
-
-
-def dcp_load(state: dict, folder, collective: bool) -> None:
-    """Load in place into ``state`` (resharding as needed; collective over the default group if asked)."""
-    import torch.distributed.checkpoint as dcp
-
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not collective)
+        getattr(dcp, op)(state, checkpoint_id=str(folder), no_dist=not collective)
 
 
 def read_pt(path, map_location="cpu"):
@@ -240,5 +218,5 @@ def dcp_read(folder, prefix: str) -> dict:
     want = {k[len(prefix) + 1:]: torch.empty(m.size, dtype=m.properties.dtype)
             if isinstance(m, TensorStorageMetadata) else None
             for k, m in dcp_entries(folder).items() if k.startswith(prefix + ".")}
-    dcp_load({prefix: want}, folder, collective=False)
+    dcp_io("load", {prefix: want}, folder, collective=False)
     return want
