@@ -260,6 +260,29 @@ def test_model_filter_saves_and_expects_only_the_chosen_tensors(tmp_path):
             assert torch.equal(other.state_dict()[k], v) == k.startswith("layers.1."), k
 
 
+def test_bf16_master_weights_round_trip(tmp_path):
+    from lmforge.training.precision import MasterWeights
+
+    tc = build_config({"training": {"param_dtype": "bfloat16", "master_weights": True}}).training
+
+    def parts(seed):
+        model = build_model(_cfg().model, seed=seed)
+        master = MasterWeights.maybe(model, tc)  # the optimizer steps fp32 copies named by its param_names
+        return model, master, build_optimizer(master.model_for_optimizer(), _cfg().optimizer)
+
+    model, master, opt = parts(0)
+    model(torch.randint(0, VOCAB, (2, SEQ))).float().square().mean().backward()
+    master.grads_to_master()
+    opt.step()
+    master.master_to_model()
+    CheckpointManager(tmp_path, model=model, optimizer=opt, shared={"master": master}).save(1)
+    model2, master2, opt2 = parts(1)
+    CheckpointManager(tmp_path, model=model2, optimizer=opt2, shared={"master": master2}).load("auto")
+    _assert_same(model2.state_dict(), model.state_dict(), "bf16 model")
+    _assert_same(master2.master.state_dict(), master.master.state_dict(), "fp32 master copies")
+    _assert_same(_named_optim(master2.master, opt2), _named_optim(master.master, opt), "optimizer over the copies")
+
+
 class FakeEngine:
     """Stands in for the DeepSpeed adapter: model weights in its own file inside the folder."""
 
