@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from lmforge.config import ConfigError
+from lmforge.errors import UserError
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] = None,
@@ -64,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = load_hf(args.hf_dir)
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             print(f"params {model.num_params() / 1e6:.2f}M")
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
+    except (UserError, ValueError, KeyError, FileNotFoundError) as err:  # UserError: ConfigError, CheckpointError
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
