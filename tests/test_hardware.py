@@ -192,9 +192,12 @@ def test_probe_cache_is_keyed_and_skips_disturbed_results(tmp_path, monkeypatch)
                            cpu_share=share)
 
     monkeypatch.setattr(probe_mod, "measure", fake_measure)
-    share = 0.2  # neighbours took the cores: measured twice, used, not cached
+    monkeypatch.setattr(probe_mod, "_DISTURBED", {})
+    share = 0.2  # neighbours took the cores: measured twice, used, not cached on disk ...
     r = probe_mod.probe("cpu")
     assert r.disturbed and len(calls) == 2 and not (tmp_path / "hardware_probe.json").exists()
+    assert probe_mod.probe("cpu") is r and len(calls) == 2  # ... but not measured again by this process
+    probe_mod._DISTURBED.clear()  # a new process
     share = 0.95
     first = probe_mod.probe("cpu")
     again = probe_mod.probe("cpu")

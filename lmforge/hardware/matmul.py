@@ -15,8 +15,8 @@ Cache: ``cache_dir()/hardware_probe.json`` (``LMFORGE_CACHE`` moves it), one ent
 precision. Processes on one machine probe one at a time (a file lock) and the rest read the cache, so ranks
 of a job do not slow each other's measurement. A CPU probe during which other processes took cores (this
 process got < 75% of its threads' CPU time) is repeated once, each dtype keeping its better figure, and is
-cached only when undisturbed. The probe never touches the global RNG (its own generator) nor the thread
-settings.
+cached only when undisturbed (a disturbed one is kept for the rest of the process). The probe never
+touches the global RNG (its own generator) nor the thread settings.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ SHAPE_MIN_S = 0.01  # ... and more, up to MAX_SAMPLES, until the shape has had t
 MAX_SAMPLES = 50  # best-of-many, so a neighbour process stealing a core cannot hide the peak
 MIN_SAMPLE_S = 1e-3  # a timed sample repeats the product until it lasts this long (timer resolution)
 MIN_CPU_SHARE = 0.75  # below this share of its threads' CPU time a CPU probe counts as disturbed
+_DISTURBED: dict[tuple[str, str], "ProbeResult"] = {}  # (cache file, key) → disturbed result, this process only
 
 
 @dataclass(frozen=True)
@@ -267,13 +268,17 @@ def probe(device: torch.device | str = "cpu", *, refresh: bool = False) -> Probe
     path = cache_dir() / "hardware_probe.json"
     if not refresh and key in (cached := _read_cache(path)):
         return _from_cache(cached[key], key)
+    if not refresh and (str(path), key) in _DISTURBED:  # measured under load in this process: not again
+        return _DISTURBED[(str(path), key)]
     with _locked(path.with_suffix(".lock")):
         if not refresh and key in (cached := _read_cache(path)):  # another process measured while we waited
             return _from_cache(cached[key], key)
         result = measure(device)
         if result.disturbed:  # a neighbour took cores: measure once more and keep the better of each
             result = _merge(result, measure(device))
-        if not result.disturbed:  # a disturbed probe is used now but measured again next time
+        if result.disturbed:  # used for the rest of this process, measured again by the next one
+            _DISTURBED[(str(path), key)] = result
+        else:
             entry = result.to_dict()
             entry["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             _write_cache(path, key, entry)
