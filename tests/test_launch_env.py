@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,10 @@ from lmforge.distributed.launch_env import LaunchEnv, discover, expand_nodelist,
 from lmforge.errors import SetupError
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from test_train_dist_helpers import finish, run_cfg  # noqa: E402
+from test_train_helpers import pack_tiny  # noqa: E402
+
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n0",
             "MASTER_PORT": "29500"}
 OMPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
@@ -168,12 +171,7 @@ def _mpirun(args: list[str], log: Path, timeout: float) -> int:
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd + [sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            raise AssertionError(f"mpirun timed out after {timeout:.0f}s:\n{log.read_text()[-3000:]}") from None
+        return finish(proc, timeout, log)
 
 
 @needs_mpirun
@@ -189,10 +187,6 @@ def test_mpirun_two_ranks_join_over_gloo(tmp_path):
 
 @needs_mpirun
 def test_mpirun_lmforge_train_without_torchrun(tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_train_dist_helpers import run_cfg
-    from test_train_helpers import pack_tiny
-
     from lmforge.config import save_config
 
     data = pack_tiny(tmp_path / "data")
