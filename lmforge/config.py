@@ -116,8 +116,10 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0, description="global-norm clip; None disables")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast compute dtype; fp16 adds "
-                                                      "dynamic loss scaling")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast compute dtype; auto: measured on this machine (CUDA: bf16 if native else fp16; "
+        "CPU: bf16 only where a matmul probe finds it faster than fp32); fp16 adds dynamic loss scaling. The run's "
+        "config.yaml records the resolved value")
     param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the model's parameters")
     master_weights: bool = Field(True, description="with param_dtype=bfloat16: fp32 master copy in the optimizer")
     loss_scale_init: float = Field(2.0 ** 16, gt=0, description="fp16: initial loss scale")

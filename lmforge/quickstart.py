@@ -57,7 +57,7 @@ def quickstart_config(run_dir: str, data_dir: str, minutes: float, overrides: li
         "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"name": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
         "training": {"max_steps": 1000, "max_minutes": minutes, "micro_batch_size": 16, "grad_accum_steps": 1,
-                     "precision": "bf16", "eval_every": 0, "eval_batches": 20, "seed": 1337},
+                     "precision": "auto", "eval_every": 0, "eval_batches": 20, "seed": 1337},
         "checkpoint": {"every_steps": 200, "keep_last": 2},
         "logging": {"log_every": 10},
     }
@@ -75,6 +75,9 @@ def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int =
     from lmforge.training.optim import build_optimizer
     from lmforge.training.engine import accumulate_gradients
 
+    from lmforge.hardware import resolve_precision
+
+    precision = resolve_precision(cfg.training.precision, torch.device("cpu")).precision  # what train() will use
     mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
     model = build_model(mcfg, seed=0)
     opt = build_optimizer(model, cfg.optimizer)
@@ -86,7 +89,7 @@ def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int =
     for _ in range(probe_steps + 1):
         t0 = time.perf_counter()
         accumulate_gradients(model, [batch] * cfg.training.grad_accum_steps, torch.device("cpu"),
-                             precision=cfg.training.precision)
+                             precision=precision)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)

@@ -140,7 +140,7 @@ LOCATED = [
     ("train", "optimizer:\n  lr: -1\n", [], "{f}:2:7: invalid value for 'optimizer.lr': -1 (Input should be "
      "greater than 0)"),
     ("train", "training:\n  precision: fp8\n", [], "{f}:2:14: invalid value for 'training.precision': 'fp8' "
-     "(allowed: 'fp32', 'bf16' or 'fp16')"),
+     "(allowed: 'auto', 'fp32', 'bf16' or 'fp16')"),
     ("train", "optimizer:\n  betas: [0.9, 1.5]\n", [], "{f}:2:16: optimizer.betas[1]=1.5 must be in [0, 1)"),
     ("train", "model:\n  preset: tinny\n", [], "{f}:2:11: invalid value for 'model.preset': 'tinny' (allowed: "
      "tiny, quickstart, bench-6l, llama-60m, llama-125m, llama-350m, llama-1b); did you mean 'tiny'?"),

@@ -36,7 +36,7 @@ def tiny_cfg(run_dir: Path, data_dir: Path, **sections):
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
         "scheduler": {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1},
         "training": {"max_steps": 6, "micro_batch_size": 2, "grad_accum_steps": 2, "device": "cpu",
-                     "eval_every": 3, "eval_batches": 2, "seed": 7},
+                     "eval_every": 3, "eval_batches": 2, "seed": 7, "precision": "fp32"},
         "checkpoint": {"every_steps": 2, "keep_last": 10},
         "logging": {"log_every": 1, "tensorboard": False, "progress": False, "report": False},
     }

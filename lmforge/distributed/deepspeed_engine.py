@@ -174,8 +174,8 @@ def train_with_deepspeed(cfg: Config) -> dict:
     from lmforge.distributed.mesh import ParallelDims
     from lmforge.distributed.parallelize import parallelize_model
     from lmforge.models import build_model
-    from lmforge.training.build import StepBatches, make_loaders, materialize, open_data, resolve_model_cfg, \
-        seed_everything
+    from lmforge.training.build import (StepBatches, make_loaders, materialize, open_data, resolve_model_cfg,
+                                        resolve_precision, seed_everything)
     from lmforge.training.loop import run_loop
     from lmforge.training.optim import build_optimizer
     from lmforge.training.schedule import build_scheduler
@@ -183,7 +183,7 @@ def train_with_deepspeed(cfg: Config) -> dict:
 
     cfg = cfg.model_copy(deep=True)
     tc = cfg.training
-    ds_cfg = deepspeed_config(cfg)
+    deepspeed_config(cfg)  # config errors first, before any process group exists
     rank, world = _init_process_group(cfg, deepspeed)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -194,6 +194,8 @@ def train_with_deepspeed(cfg: Config) -> dict:
                                      int(os.environ.get("LOCAL_RANK", 0)), device)
     if dist.get_backend() != "gloo":
         pdims.host_group = dist.new_group(backend="gloo")
+    choice = resolve_precision(cfg, pdims, device)  # auto → this machine's dtype, the same on every rank
+    ds_cfg = deepspeed_config(cfg)
     base = build_model(cfg.model, device="meta")  # the one build path; DeepSpeed does the data parallelism
     model = parallelize_model(base, ParallelDims(1, 1, 1, 1, 1, device=device), cfg,
                               init_fn=lambda m: materialize(base, m, tc.seed, device))
@@ -202,7 +204,8 @@ def train_with_deepspeed(cfg: Config) -> dict:
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     engine = DeepSpeedEngine(ds, scheduler, pdims, device, tc.grad_accum_steps)
     batches = StepBatches(make_loaders(cfg, pdims, train_shards), tc.grad_accum_steps)
-    job = lm_job(cfg, pdims, engine, batches, val_shards, base.flops_per_token(cfg.data.seq_len), deepspeed=True)
+    job = lm_job(cfg, pdims, engine, batches, val_shards, base.flops_per_token(cfg.data.seq_len), choice,
+                 deepspeed=True)
     summary = run_loop(job)
     summary.update(engine="deepspeed", zero_stage=ds_cfg["zero_optimization"]["stage"])
     if summary["stop_reason"] != "non_finite":

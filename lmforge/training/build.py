@@ -57,6 +57,27 @@ def resolve_model_cfg(cfg: Config, train_shards) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
 
 
+def resolve_precision(cfg: Config, pdims, device: torch.device):
+    """``training.precision`` (``auto`` included) → this machine's choice, decided once on rank 0 and shared (a
+    busy or different probe must not give ranks different dtypes); written into ``cfg`` so the saved config
+    states the resolved value. Returns the ``PrecisionChoice`` (reason, probe numbers) for the log and summary."""
+    from lmforge.hardware import resolve_precision as resolve
+
+    choice = resolve(cfg.training.precision, device) if pdims.is_rank0 else None
+    if pdims.is_distributed:
+        import torch.distributed as dist
+
+        box = [choice]
+        dist.broadcast_object_list(box, src=0, group=pdims.host_group)
+        choice = box[0]
+    elif choice is not None:
+        choice.warn()
+    if pdims.is_rank0 and pdims.is_distributed:
+        choice.warn()
+    cfg.training.precision = choice.precision
+    return choice
+
+
 def check_distributed(cfg: Config, pdims) -> None:
     """Reject combinations the multi-process trainer cannot run, naming the key and the fix."""
     tc = cfg.training

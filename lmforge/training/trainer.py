@@ -16,7 +16,7 @@ import torch
 
 from lmforge.config import Config, save_config
 from lmforge.training.build import (StepBatches, build_engine, check_distributed, device_for, make_loaders,
-                                    open_data, resolve_model_cfg, seed_everything)
+                                    open_data, resolve_model_cfg, resolve_precision, seed_everything)
 from lmforge.training.guards import EarlyStopper
 from lmforge.training.loop import Job, Limits, TrainState, run_loop
 from lmforge.training.metrics import MetricsLogger, peak_flops
@@ -54,15 +54,17 @@ def _train(cfg: Config, pdims) -> dict:
     train_shards, val_shards = open_data(cfg)
     resolve_model_cfg(cfg, train_shards)
     check_distributed(cfg, pdims)
+    choice = resolve_precision(cfg, pdims, device)
     seed_everything(cfg.training.seed)
     built = build_engine(cfg, pdims, device)
     loader = StepBatches(make_loaders(cfg, pdims, train_shards), cfg.training.grad_accum_steps)
-    job = lm_job(cfg, pdims, built.engine, loader, val_shards, built.base.flops_per_token(cfg.data.seq_len))
+    job = lm_job(cfg, pdims, built.engine, loader, val_shards, built.base.flops_per_token(cfg.data.seq_len), choice)
     summary = run_loop(job)
     return finish(cfg, pdims, built.engine.model, job, summary)
 
 
-def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: float, deepspeed: bool = False) -> Job:
+def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: float, precision,
+           deepspeed: bool = False) -> Job:
     """The pretraining Job around a built engine (native, pipeline or the DeepSpeed adapter)."""
     tc, run_dir = cfg.training, Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,11 @@ def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: flo
                              progress=cfg.logging.progress, resume_step=resume_step)
 
     def on_start(log) -> None:
+        from lmforge.hardware import cpu_facts
+
+        cpu = cpu_facts()
+        flags = ", ".join(k for k, v in cpu.get("flags", {}).items() if v) or "no vector flags read"
+        log.message(f"{precision.log_line()}; cpu: {cpu.get('model') or 'unknown'} ({flags})")
         if pdims.is_rank0:
             saved = cfg.model_copy(deep=True)
             saved.training.stop_at_step = None  # a per-invocation stop, not part of the run's definition
@@ -104,8 +111,10 @@ def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: flo
         return rec
 
     peak = peak_flops(engine.device, compute) * pdims.world_size if pdims.is_rank0 else 1.0
-    return Job(step, batches, manager, open_log, run_eval, engine.lr, limits, state, early, cfg.checkpoint.resume,
+    job = Job(step, batches, manager, open_log, run_eval, engine.lr, limits, state, early, cfg.checkpoint.resume,
                flops_per_token, peak, on_start=on_start, extra_record=extra)
+    job.precision = precision
+    return job
 
 
 def _manager(cfg: Config, pdims, engine, state: TrainState, early, batches, deepspeed: bool):
@@ -132,8 +141,11 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
         summary["world_size"] = pdims.world_size
         summary["rank_state_bytes"] = local_state_bytes(model, getattr(job.step.engine, "optimizer", None))
     if pdims.is_rank0:
+        from lmforge.environment import environment_facts
         from lmforge.training.report import finish_run
 
+        summary["precision"] = job.precision.to_dict()
+        summary["environment"] = environment_facts(check_gloo=False, device=str(job.step.engine.device.type))
         finish_run(cfg, run_dir, summary)
     return summary
 
