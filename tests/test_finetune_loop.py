@@ -8,7 +8,9 @@
 - gradient accumulation equals one big batch (class-weighted classification, token-normalised sft);
 - a non-finite step is skipped, and the run stops after ``max_bad_steps`` with nothing saved after it;
 - outside logging and evaluation steps, the host reads one tensor per step (the agreed flags);
-- fp16 runs with dynamic loss scaling.
+- fp16 runs with dynamic loss scaling;
+- on 2 gloo ranks (zero3): a run cut by the time budget resumes bitwise, and the best weights round-trip
+  through their checkpoint state into the sharded model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_finetune import _cfg, cls_files, tiny_run  # noqa: F401  (fixtures)
-from test_finetune_dist import chat_file  # noqa: F401  (fixture)
+from test_finetune_dist import chat_file  # noqa: F401  (fixture; puts tests/ on the ranks' path)
 
 from lmforge.finetune.config import save_finetune_config
 from lmforge.finetune.trainer import finetune
@@ -288,3 +290,62 @@ def test_fp16_dynamic_loss_scaling(tiny_run, cls_files, tmp_path):  # noqa: F811
     recs = [r for r in _records(_run(tmp_path)) if "loss" in r]
     assert s["skipped_steps"] >= 1 and recs[-1]["loss_scale"] < 2.0 ** 40  # overflows skipped, scale lowered
     assert torch.isfinite(torch.tensor(s["validation"]["val_loss"]))
+
+
+def _two_rank_body(rank, world, out, run, files):
+    """(uninterrupted, cut, resumed) summaries, and whether best weights loaded from a checkpoint state are put
+    back into the zero3-sharded model exactly."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    over = {**BASE, "method.name": "lora", "train.batch_size": 13, "train.max_steps": 8, "train.eval_every": 4,
+            "distributed.strategy": "zero3"}
+
+    def cfg(name, **kw):
+        return _cfg(run, out / name, files / "train.tsv", **over, **kw)
+
+    res = {"ref": finetune(cfg("ref")), "cut": finetune(cfg("cut", **{"train.max_minutes": 1e-6}))}
+    res["done"] = finetune(cfg("cut", **{"checkpoint.resume": "auto"}))
+    res["round_trip"] = _best_round_trip(cfg("unit"))
+    dist.destroy_process_group()
+    return res
+
+
+def _best_round_trip(cfg) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    from lmforge.distributed.mesh import destroy_distributed
+    from lmforge.finetune.distributed import agree, start
+    from lmforge.finetune.methods import adapter_tensors
+    from lmforge.finetune.trainer import FinetuneRun
+
+    pdims = start(cfg)
+    run = FinetuneRun(cfg, pdims)
+    assert run.best.update(1, {run.best.key: 1.0})
+    saved = agree(run.best.state_dict(), pdims)  # what every rank reads from trainer.pt
+    with torch.no_grad():
+        for t in adapter_tensors(run.applied).values():
+            (t.to_local() if isinstance(t, DTensor) else t).add_(1.0)  # the live weights move on
+    run.best.load_state_dict(saved)
+    run.best.restore()
+    live = {k: t.full_tensor() if isinstance(t, DTensor) else t for k, t in adapter_tensors(run.applied).items()}
+    ok = sorted(live) == sorted(saved["tensors"]) and all(torch.equal(live[k].cpu(), v)
+                                                          for k, v in saved["tensors"].items())
+    ok = ok and any(isinstance(t, DTensor) for t in adapter_tensors(run.applied).values())
+    destroy_distributed()
+    return ok
+
+
+def test_two_ranks_resume_bitwise(tiny_run, cls_files, tmp_path):  # noqa: F811
+    from dist_utils import run_ranks
+
+    results = run_ranks(_two_rank_body, 2, tmp_path, 180, tiny_run, cls_files)
+    r = results[0]
+    assert r["cut"]["stop_reason"] == "time_budget" and r["cut"]["steps"] == 1
+    assert r["done"]["steps"] == 8 and r["done"]["resumed_from"].endswith("step_0000001")
+    assert (r["done"]["best_step"], r["done"]["validation"]) == (r["ref"]["best_step"], r["ref"]["validation"])
+    _assert_bitwise(_run(tmp_path / "cut") / "best", _run(tmp_path / "ref") / "best", "adapter.safetensors")
+    _assert_bitwise(_run(tmp_path / "cut") / "merged", _run(tmp_path / "ref") / "merged", "model.safetensors")
+    assert results[0]["round_trip"] and results[1]["round_trip"]
