@@ -1,8 +1,9 @@
 """lmforge ZeRO-2/3 (FSDP2 via parallelize_model) vs DeepSpeed ZeRO-2/3 on the same lmforge Llama, side by side.
 
 Every run is ``world`` fresh gloo processes on this machine (so peak RSS is per run), training the same model
-on the same random token batches with torch AdamW and global-norm clipping 1.0; DeepSpeed gets the very same
-``nn.Module`` and optimizer through ``deepspeed.initialize``. Printed per engine and stage: tokens/s,
+on the same random token batches with lmforge's AdamW (decay groups) and global-norm clipping 1.0, the model's own
+fused loss on both sides; lmforge runs its product path (``build_engine`` + the one ``TrainStep``), DeepSpeed gets
+the very same ``nn.Module`` and optimizer through ``deepspeed.initialize``. Printed per engine and stage: tokens/s,
 per-rank peak RSS (and its growth after imports), live tensor bytes after backward (params + grads + optimizer
 state + buffers, deduplicated storages), the ratios lmforge/DeepSpeed, and lmforge's memory estimator against
 its measured state bytes.
@@ -38,6 +39,7 @@ def _cfg(a, stage: int):
     return build_config({"model": {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads,
                                    "vocab_size": a.vocab, "max_seq_len": a.seq},
                          "data": {"seq_len": a.seq}, "optimizer": {"lr": 1e-3},
+                         "scheduler": {"name": "constant", "warmup_steps": 0},
                          "training": {"device": "cpu", "micro_batch_size": a.micro_batch, "grad_clip": 1.0,
                                       "seed": 0},
                          "distributed": {"strategy": f"zero{stage}", "backend": "gloo"}})
@@ -74,38 +76,36 @@ def _rss_kb() -> int:
 
 
 def _run_lmforge(a, stage, x_SBT, y_SBT):
-    import torch.nn.functional as F
-
+    """lmforge's product path: the one build path and the one TrainStep (what ``lmforge train`` runs)."""
     from lmforge.distributed import init_distributed
-    from lmforge.distributed.parallelize import parallelize_model
-    from lmforge.distributed.utils import clip_grad_norm, global_token_count, local_state_bytes, normalize_loss
-    from lmforge.models import build_model
+    from lmforge.distributed.utils import local_state_bytes
+    from lmforge.training.build import build_engine
+    from lmforge.training.step import LMObjective, StepSettings, TrainStep
 
     cfg = _cfg(a, stage)
     pdims = init_distributed(cfg)
     base = _rss_kb()
-    model = parallelize_model(build_model(cfg.model, seed=0), pdims, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    out = {"losses": []}
+    engine = build_engine(cfg, pdims, pdims.device).engine
+    step = TrainStep(engine, LMObjective(), pdims, StepSettings(1.0, "fp32"))
+    out, last = {"losses": []}, a.warmup + a.steps - 1
+    real_clip = engine.clip
+
+    def clip(max_norm):  # after the last backward, before the update: what is live with gradients held
+        if len(out["losses"]) == last:
+            out["live_bytes"] = live_tensor_bytes()
+            sb = local_state_bytes(engine.model, engine.optimizer)
+            grads = sum(p.grad.to_local().numel() * p.grad.element_size() if hasattr(p.grad, "to_local")
+                        else p.grad.numel() * p.grad.element_size() for p in engine.params if p.grad is not None)
+            out["state"] = {"params": sb["params"], "grads": grads, "optimizer": sb["optimizer"]}
+        return real_clip(max_norm)
+
+    engine.clip = clip
     for s in range(a.warmup + a.steps):
         if s == a.warmup:
             torch.distributed.barrier()
             t0 = time.perf_counter()
-        ntok = global_token_count(y_SBT[s].numel(), pdims)
-        logits_BTV = model(x_SBT[s])
-        ce = F.cross_entropy(logits_BTV.flatten(0, 1), y_SBT[s].flatten(), reduction="sum")
-        normalize_loss(ce, ntok, pdims).backward()
-        out["losses"].append(float(ce.detach()) / y_SBT[s].numel())
-        del logits_BTV, ce
-        if s == a.warmup + a.steps - 1:
-            out["live_bytes"] = live_tensor_bytes()
-            sb = local_state_bytes(model, opt)
-            grads = sum(p.grad.to_local().numel() * p.grad.element_size() if hasattr(p.grad, "to_local")
-                        else p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-            out["state"] = {"params": sb["params"], "grads": grads, "optimizer": sb["optimizer"]}
-        clip_grad_norm(model, 1.0, pdims)
-        opt.step()
-        opt.zero_grad()
+        res = step([{"input_ids": x_SBT[s], "labels": y_SBT[s]}], lambda: (False, False))
+        out["losses"].append(float(res.loss_sum) / res.weight * pdims.dp)
     torch.distributed.barrier()
     out.update(elapsed=time.perf_counter() - t0, rss_base_kb=base)
     return out
@@ -126,16 +126,16 @@ def ds_config(a, stage: int, n_params: int) -> dict:
 def _run_deepspeed(a, stage, x_SBT, y_SBT):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import torch.nn.functional as F
 
     from lmforge.models import build_model
+    from lmforge.training.optim import build_optimizer
 
     cfg = _cfg(a, stage)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.set_num_threads(a.threads)
     base = _rss_kb()
     model = build_model(cfg.model, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = build_optimizer(model, cfg.optimizer)  # the same decay groups and AdamW kernel as lmforge
     ds = ds_config(a, stage, sum(p.numel() for p in model.parameters()))
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     torch.set_num_threads(a.threads)
@@ -144,11 +144,10 @@ def _run_deepspeed(a, stage, x_SBT, y_SBT):
         if s == a.warmup:
             torch.distributed.barrier()
             t0 = time.perf_counter()
-        logits_BTV = eng(x_SBT[s])
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1), y_SBT[s].flatten())
+        loss = eng(x_SBT[s], labels_BT=y_SBT[s])  # the model's own (fused) loss, as lmforge computes it
         eng.backward(loss)
         out["losses"].append(float(loss.detach()))
-        del logits_BTV, loss
+        del loss
         if s == a.warmup + a.steps - 1:
             out["live_bytes"] = live_tensor_bytes()
         eng.step()

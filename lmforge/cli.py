@@ -6,9 +6,58 @@ Heavy modules (torch, tokenizers, ...) are imported inside the handlers so ``lmf
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
 import sys
+import traceback
+from typing import Optional
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError, UserError
+
+# OSErrors that are the user's to fix (a path that is missing, unwritable, not a folder, full) → exit 2
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_OS_HINTS = {errno.EROFS: "the file system is read-only: choose a writable folder",
+             errno.EACCES: "check the path's permissions, or choose a folder you can write to",
+             errno.EPERM: "check the path's permissions, or choose a folder you can write to",
+             errno.ENOSPC: "the disk is full: free some space or write to another disk",
+             errno.EDQUOT: "the disk quota is exhausted: free some space or write to another disk",
+             errno.ENOTDIR: "a part of this path is a file, not a folder"}
+_USER_ERRNOS = set(_OS_HINTS) | {errno.ENOENT, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                                 errno.ELOOP, errno.ENOTEMPTY}
+
+
+def user_problem(err: BaseException) -> Optional[tuple[str, Optional[str]]]:
+    """(message, hint) when ``err`` is the user's to fix; None when it is a bug in lmforge."""
+    if isinstance(err, UserError):
+        return str(err), err.hint
+    if isinstance(err, OSError) and (isinstance(err, _USER_OS_ERRORS) or err.errno in _USER_ERRNOS):
+        if err.strerror and err.filename is not None:  # raised by the OS: "[Errno 30] ..." → "path: reason"
+            to = f" → {err.filename2}" if err.filename2 is not None else ""
+            return f"{err.filename}{to}: {err.strerror}", _OS_HINTS.get(err.errno)
+        return str(err), _OS_HINTS.get(err.errno)
+    return None
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """The error policy of every command. A user error (``UserError``, or a path the user must fix) → one
+    ``PROG: error: ...`` line per message line plus ``hint: ...``, exit 2. Anything else is a bug → its
+    traceback and a line saying so, exit 1. ``LMFORGE_DEBUG=1`` prints the traceback for every error."""
+    debug = os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
+    problem = user_problem(err)
+    if debug or problem is None:
+        traceback.print_exception(err, file=sys.stderr)
+    if problem is None:
+        print(f"{prog}: internal error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        print(f"{prog}: this is a bug in lmforge, not a problem with your input; please report it with the "
+              "traceback above", file=sys.stderr)
+        return 1
+    message, hint = problem
+    for line in message.splitlines() or [type(err).__name__]:
+        print(f"{prog}: error: {line}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return 2
 
 
 def _cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
@@ -20,12 +69,13 @@ def _cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from lmforge.config import load_config
-
     overrides = list(extra)
     if args.resume:
         overrides.append(f"--checkpoint.resume={args.resume}")
-    if args.nproc and args.nproc > 1:
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of processes must be >= 1",
+                          hint="drop --nproc for one process, or give the processes to start on this machine")
+    if args.nproc is not None and args.nproc > 1:
         from lmforge.launch import launch_torchrun
 
         return launch_torchrun(args, overrides)
@@ -65,6 +115,7 @@ def _train_config(args: argparse.Namespace, overrides: list[str]):
 def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"generate: unexpected arguments {' '.join(extra)}")
+    _check_generate_args(args)
     from lmforge.inference import generate_from_run
 
     texts = generate_from_run(
@@ -77,6 +128,26 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         if len(args.prompt) > 1:
             print("-" * 40)
     return 0
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse sampling flags that mean nothing before any model is loaded, naming the flag."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0 (0: greedy decoding)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 1 (leave it out to keep every token)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (leave it out to keep every token)")
+    if not math.isfinite(args.repetition_penalty) or args.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be a finite number > 0 "
+                          "(1: no penalty)")
+    for prompt in args.prompt:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable command-line bytes arrive as lone surrogates
+            raise ConfigError(f"--prompt {prompt[:40]!r}...: not valid UTF-8 text (at character {e.start})") from None
 
 
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
@@ -111,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) a model from a YAML config plus --section.key=value overrides")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", help="'auto' (newest complete checkpoint in run_dir) or a checkpoint folder")
-    t.add_argument("--nproc", type=int, default=0, help="processes on this machine (wraps torchrun)")
+    t.add_argument("--nproc", type=int, default=None, help="processes on this machine (wraps torchrun)")
     t.add_argument("--deepspeed", metavar="DS_CONFIG_JSON",
                    help="a DeepSpeed JSON config, mapped onto the native config (overrides still win)")
     t.set_defaults(func=_cmd_train)
@@ -147,6 +218,7 @@ def _optional_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one entry and the one error handler of every ``lmforge`` command (see ``report_error``)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
@@ -157,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args, extra) or 0)
-    except ConfigError as e:
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001  (the one place every command's failure is reported)
+        return report_error(_command_name(args, extra), err)
+
+
+def _command_name(args: argparse.Namespace, extra: list[str]) -> str:
+    parts = ["lmforge", args.command]
+    parts += [getattr(args, k) for k in ("data_command", "checkpoint_command") if getattr(args, k, None)]
+    if getattr(args, "passthrough", False) and extra and not extra[0].startswith("-"):
+        parts.append(extra[0])  # lmforge hf export
+    return " ".join(parts)

@@ -7,9 +7,9 @@ from lmforge.finetune.cli import add_finetune_commands
 
 
 def _cmd_hf(args, extra: list[str]) -> int:
-    from lmforge.models.hf.convert import main
+    from lmforge.models.hf.convert import run
 
-    return main(extra)
+    return run(extra)
 
 
 def add_hf_commands(subparsers) -> None:

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmforge.errors import ConfigError  # noqa: F401  (re-exported: the name every module imports from here)
+# re-exported: the names every config root and module imports from here
+from lmforge.config_loader import (deep_merge, format_validation_error, load_root, parse_overrides,  # noqa: F401
+                                   validate_root)
+from lmforge.errors import ConfigError  # noqa: F401
 
 
 class Section(BaseModel):
@@ -221,118 +224,8 @@ class Config(Section):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, overrides, errors
+# Presets and loading (the loader itself, shared by every root: lmforge/config_loader.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def _section_models() -> dict[str, type[BaseModel]]:
-    return {name: f.annotation for name, f in Config.model_fields.items() if isinstance(f.annotation, type)
-            and issubclass(f.annotation, BaseModel)}
-
-
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every key path of a schema; sections held in lists/optionals (``sources: list[SourceConfig]``) too."""
-    keys = []
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
-        keys.append(path)
-        ann = field.annotation
-        for t in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                keys.extend(_valid_keys(t, path + "."))
-    return keys
-
-
-def _suggest(path: str, root: type[BaseModel]) -> str:
-    keys = _valid_keys(root)
-    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
-    if not close:  # try matching only the last component within its section
-        parent, _, leaf = path.rpartition(".")
-        siblings = [k for k in keys if k.rpartition(".")[0] == parent]
-        close = [f"{parent}.{m}" if parent else m
-                 for m in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.4)]
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
-    """pydantic errors of schema ``root`` → one line each, naming the key path (shared by every lmforge
-    config: the training config here, ``data prepare``'s and ``finetune``'s)."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        where = f"{source}: " if source else ""
-        if e["type"] == "extra_forbidden":
-            generic = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))  # sources.0.x → sources.x
-            hint = _suggest(generic, root)
-            if not hint and "." not in path:
-                hint = f" (sections: {', '.join(root.model_fields)})"
-            lines.append(f"{where}unknown key '{path}'{hint}")
-            continue
-        if e["type"] == "missing":
-            lines.append(f"{where}missing required key '{path}'")
-            continue
-        if e["type"] == "value_error":  # cross-field checks already name their keys
-            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
-            continue
-        value = e.get("input")
-        msg = e["msg"].removeprefix("Value error, ")
-        ctx = e.get("ctx") or {}
-        if "expected" in ctx:
-            msg = f"allowed: {ctx['expected']}"
-        label = f"'{path}'" if path else "config"
-        lines.append(f"{where}invalid value for {label}: {value!r} ({msg})")
-    return "\n".join(lines)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """``['--optimizer.lr=1e-3', '--training.max_steps', '10']`` → nested dict (values parsed as YAML)."""
-    tree: dict = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ConfigError(f"expected an override like --section.key=value, got '{a}'")
-        key = a[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override '--{key}' has no value")
-            raw = args[i + 1]
-            i += 1
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _set_dotted(tree, key.replace("-", "_"), value)
-        i += 1
-    return tree
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def _apply_presets(tree: dict) -> dict:
@@ -351,38 +244,14 @@ def _apply_presets(tree: dict) -> dict:
 
 
 def build_config(tree: dict | None = None, source: str = "") -> Config:
-    tree = _apply_presets(tree or {})
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, Config)) from None
+    """Validate a config tree (presets expanded); ``source`` labels every error line."""
+    return validate_root(Config, tree or {}, source, _apply_presets)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Load a YAML config (optional) and apply overrides (a CLI list or a nested dict)."""
-    tree: dict = {}
-    source = ""
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
-    if overrides:
-        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        tree = deep_merge(tree, over)
-    return build_config(tree, source)
+    """Load a YAML config (optional) and apply overrides (a CLI list or a nested dict); errors name
+    file:line:column (or ``command line``) and the key path (see ``lmforge/config_loader.py``)."""
+    return load_root(Config, path, overrides, prepare=_apply_presets)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from lmforge.errors import SetupError
+
 
 def torchrun_command(nproc: int, config: str | None, overrides: list[str], deepspeed: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -20,7 +22,8 @@ def torchrun_command(nproc: int, config: str | None, overrides: list[str], deeps
 
 def launch_torchrun(args: argparse.Namespace, overrides: list[str]) -> int:
     if "RANK" in os.environ:  # already under a launcher: never nest torchrun
-        raise SystemExit("lmforge train --nproc: already running under torchrun (RANK is set); drop --nproc")
+        raise SetupError("--nproc: already running under a launcher (RANK is set); torchrun is never nested",
+                         hint="drop --nproc when launching with torchrun yourself")
     cmd = torchrun_command(args.nproc, args.config, overrides, getattr(args, "deepspeed", None))
     print("launching:", " ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd)

@@ -101,8 +101,9 @@ def run_quickstart(run_dir: str = "runs/quickstart", minutes: float = 4.0, overr
 
     console = Console()
     run = Path(run_dir)
-    data_dir = _prepare_data(run.parent / f"{run.name}-data" / "packed", console, corpus_mb)
-    cfg = quickstart_config(str(run), str(data_dir), minutes, overrides)
+    data_dir = run.parent / f"{run.name}-data" / "packed"
+    cfg = quickstart_config(str(run), str(data_dir), minutes, overrides)  # a bad override fails before any work
+    data_dir = _prepare_data(data_dir, console, corpus_mb)
     if "--training.max_steps" not in " ".join(overrides or []):
         from lmforge.data.pack import read_manifest
 

@@ -1,9 +1,12 @@
-"""distributed.engine=deepspeed: config translation, the missing-package error, and loss parity with lmforge's
-native zero2 on 2 gloo ranks (skipped when deepspeed is not installed)."""
+"""distributed.engine=deepspeed: config translation, the missing-package error, loss parity with lmforge's
+native zero2 on 2 gloo ranks, and the one loop's guarantees through the DeepSpeed adapter (SIGTERM → checkpoint
+and exit, time budget, resume) (skipped when deepspeed is not installed)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,47 +75,16 @@ def _deepspeed_rank(rank, world, out, cfg_dict):
 
 
 def _native_rank(rank, world, out, cfg_dict):
-    """lmforge's own zero2 with the same model, loader, optimizer, schedule and loss normalisation."""
-    import torch.nn.functional as F
-
+    """The same run through lmforge's own engine (native zero2): the one step and loop, no DeepSpeed."""
     from lmforge.config import build_config
-    from lmforge.data.loader import RandomWindowLoader, TokenShards
-    from lmforge.distributed import init_distributed
-    from lmforge.distributed.parallelize import parallelize_model
-    from lmforge.distributed.utils import clip_grad_norm, global_token_count, grad_sync, normalize_loss
-    from lmforge.models import build_model
-    from lmforge.training.optim import build_optimizer
-    from lmforge.training.schedule import build_scheduler
+    from lmforge.training.trainer import train
 
     cfg = build_config(cfg_dict)
-    tc = cfg.training
-    shards = TokenShards(cfg.data.path, "train")
-    cfg.model.vocab_size = shards.vocab_size
-    pdims = init_distributed(cfg)
-    torch.manual_seed(tc.seed)
-    model = parallelize_model(build_model(cfg.model, seed=tc.seed), pdims, cfg)
-    opt = build_optimizer(model, cfg.optimizer)
-    sched = build_scheduler(opt, cfg.scheduler, tc.max_steps)
-    loader = RandomWindowLoader(shards, cfg.data.seq_len, tc.micro_batch_size, seed=tc.seed, rank=pdims.dp_rank,
-                                world_size=pdims.dp)
-    losses = []
-    for _ in range(tc.max_steps):
-        micro = [loader.next_batch() for _ in range(tc.grad_accum_steps)]
-        ntok = global_token_count(sum(int((mb["labels"] != -100).sum()) for mb in micro), pdims)
-        local = torch.zeros((), dtype=torch.float64)
-        for i, mb in enumerate(micro):
-            with grad_sync(model, enabled=i == len(micro) - 1):
-                ce = F.cross_entropy(model(mb["input_ids"]).flatten(0, 1), mb["labels"].flatten(), reduction="sum")
-                normalize_loss(ce, ntok, pdims).backward()
-            local += float(ce.detach())
-        if tc.grad_clip:
-            clip_grad_norm(model, tc.grad_clip, pdims)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        torch.distributed.all_reduce(local)
-        losses.append(float(local) / ntok)
-    return {"losses": losses}
+    cfg.distributed.engine = "native"
+    cfg.run_dir = str(out / "native_run")
+    train(cfg)
+    return {"losses": [r["loss"] for r in map(json.loads, (out / "native_run" / "metrics.jsonl").read_text()
+                                                  .splitlines()) if "loss" in r]}
 
 
 def test_deepspeed_engine_matches_native_zero2(tmp_path, data_dir):
@@ -137,3 +109,63 @@ def test_deepspeed_engine_matches_native_zero2(tmp_path, data_dir):
 
     weights = load_file(str(run_dir / "model.safetensors"))
     assert "tok_embeddings.weight" in weights and torch.isfinite(weights["tok_embeddings.weight"]).all()
+
+
+def _ds_cli(run_dir: Path, data_dir: Path, extra: list[str]) -> list[str]:
+    cfg = _cfg(run_dir, data_dir)
+    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    from lmforge.config import save_config
+
+    save_config(cfg, cfg_path)
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge", "train",
+            "--config", str(cfg_path), *extra]
+
+
+def test_deepspeed_engine_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, data_dir):
+    """SIGTERM to every rank mid-run: the step finishes, all ranks agree, a checkpoint is written and the job
+    exits 0; --resume auto continues to max_steps from that checkpoint."""
+    import signal
+    import time
+
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
+    from test_train_dist_helpers import finish, popen
+
+    run = tmp_path / "run"
+    args = _ds_cli(run, data_dir, ["--training.max_steps=400", "--checkpoint.every_steps=0",
+                                   "--logging.log_every=1"])
+    log = tmp_path / "log.txt"
+    proc = popen(args, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.monotonic() < deadline and len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.2)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+             .stdout.split()]
+    assert len(ranks) == 2, ranks
+    for pid in ranks:  # the scheduler's preemption signal reaches the training processes
+        os.kill(pid, signal.SIGTERM)
+    assert finish(proc, 120, log) == 0, log.read_text()[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "signal_SIGTERM" and 3 <= summary["steps"] < 400, summary
+    ckpt_dir = Path(summary["final_checkpoint"])
+    assert ckpt_dir.name == f"step_{summary['steps']:07d}" and (ckpt_dir / "COMPLETE").exists()
+    proc = popen(_ds_cli(run, data_dir, [f"--training.max_steps={summary['steps'] + 2}", "--resume=auto"]), log)
+    assert finish(proc, 120, log) == 0, log.read_text()[-3000:]
+    again = json.loads((run / "summary.json").read_text())
+    assert again["resumed_from"] == str(ckpt_dir) and again["steps"] == summary["steps"] + 2
+
+
+def test_deepspeed_engine_honours_the_time_budget(tmp_path, data_dir):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
+    from test_train_dist_helpers import finish, popen
+
+    run = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    proc = popen(_ds_cli(run, data_dir, ["--training.max_steps=100000", "--training.max_minutes=0.05",
+                                         "--optimizer.lr=0.01", "--checkpoint.every_steps=0"]), log)
+    assert finish(proc, 180, log) == 0, log.read_text()[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "time_budget" and 1 <= summary["steps"] < 100000
+    assert (Path(summary["final_checkpoint"]) / "COMPLETE").exists()
+    assert summary["elapsed_s"] < 60

@@ -108,7 +108,7 @@ def test_bert_mlm_pretraining_beats_unigram_baseline(tmp_path):
         "optimizer": {"lr": 2e-3, "weight_decay": 0.01},
         "scheduler": {"warmup_steps": 20},
         "training": {"max_steps": 600, "micro_batch_size": 16, "eval_every": 0, "eval_batches": 4,
-                     "precision": "bf16"},
+                     "precision": "fp32"},
         "checkpoint": {"every_steps": 0}, "logging": {"tensorboard": False, "progress": False, "report": False},
     })
     assert cfg.training.objective == "mlm"
@@ -120,10 +120,11 @@ def test_bert_mlm_pretraining_beats_unigram_baseline(tmp_path):
     counts = np.bincount(train_ids, minlength=tok.vocab_size)
     counts[[tok.eos_id, tok.pad_id, find_mask_id(tok)]] = 0
     unigram = int(counts.argmax())
-    base = SequentialEvalLoader(TokenShards(packed, "val"), seq_len=64, batch_size=16, max_batches=8)
+    base = SequentialEvalLoader(TokenShards(packed, "val"), seq_len=64, batch_size=16)  # every window: less noise
     hits = unigram_hits = n = 0
-    with torch.no_grad():
-        for b in MLMEvalLoader(base, tok, find_mask_id(tok), 0.15, tok.vocab_size, seed=123):
+    with torch.no_grad():  # every validation window under three mask draws: the estimate's noise is ~0.01 per draw
+        for b in (b for seed in (123, 124, 125) for b in MLMEvalLoader(base, tok, find_mask_id(tok), 0.15,
+                                                                         tok.vocab_size, seed=seed)):
             sel = b["labels"] != -100
             pred = model(b["input_ids"]).argmax(-1)
             hits += int((pred[sel] == b["labels"][sel]).sum())

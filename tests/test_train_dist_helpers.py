@@ -16,14 +16,20 @@ STEPS, GLOBAL_ROWS = 5, 4
 UNTIED = {"preset": "tiny", "max_seq_len": 32, "tie_embeddings": False}
 
 
-def run_cfg(run_dir: Path, data_dir: Path, dist: dict | None = None, rows_per_micro: int = 2, tied: bool = True,
+MODELS = {"tied": {}, "untied": UNTIED, "gpt2": {"arch": "gpt2", "preset": "tiny", "max_seq_len": 32},
+          "bert": {"arch": "bert", "preset": "tiny", "max_seq_len": 32}}
+
+
+def run_cfg(run_dir: Path, data_dir: Path, dist: dict | None = None, rows_per_micro: int = 2, tied=True,
             **sections):
-    """SGD+momentum, clipping on, fp32; ``rows_per_micro`` × accum × dp = GLOBAL_ROWS rows per step."""
+    """SGD+momentum, clipping on, fp32; ``rows_per_micro`` × accum × dp = GLOBAL_ROWS rows per step. ``tied``:
+    True / False (Llama with tied / untied embeddings) or a key of ``MODELS``."""
     dp = int(sections.pop("dp", 1))
     accum = GLOBAL_ROWS // (rows_per_micro * dp)
     training = {"max_steps": STEPS, "micro_batch_size": rows_per_micro, "grad_accum_steps": accum,
                 "eval_every": 0, "eval_batches": 2, "grad_clip": 1.0, **sections.pop("training", {})}
-    extra = {} if tied else {"model": UNTIED}
+    model = MODELS[{True: "tied", False: "untied"}.get(tied, tied)]
+    extra = {"model": model} if model else {}
     return tiny_cfg(run_dir, data_dir, optimizer={"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0},
                     training=training, checkpoint={"every_steps": 0, "keep_last": 3, **sections.pop("checkpoint", {})},
                     distributed=dist or {}, **extra, **sections)

@@ -16,13 +16,14 @@ def make_docs(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80))) for _ in range(n)]
 
 
-def pack_tiny(out_dir: Path) -> Path:
-    """~15k tokens of synthetic text, vocab 300, 10% validation."""
+def pack_tiny(out_dir: Path, mask: bool = False) -> Path:
+    """~15k tokens of synthetic text, vocab 300, 10% validation; ``mask``: the tokenizer has a mask token (MLM)."""
     from lmforge.data.pack import pack_documents
     from lmforge.data.tokenizer import train_tokenizer
 
     docs = make_docs()
-    tok = train_tokenizer(docs, vocab_size=300)
+    specials = {"special_tokens": ["<|endoftext|>", "<|pad|>", "<|mask|>"]} if mask else {}
+    tok = train_tokenizer(docs, vocab_size=300, **specials)
     pack_documents(docs, tok, out_dir, val_fraction=0.1, seed=0, num_workers=0)
     return out_dir
 

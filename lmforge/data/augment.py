@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lmforge.errors import DataError
+
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     """One entry per line: ``word<TAB>syn1,syn2`` or ``word syn1 syn2``; ``#`` starts a comment."""
@@ -25,7 +27,7 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
             else:
                 word, *syns = line.split()
             if not syns:
-                raise ValueError(f"{path}:{n}: '{word}' has no synonyms")
+                raise DataError(f"{path}:{n}: '{word}' has no synonyms")
             table.setdefault(word, []).extend(s for s in syns if s != word)
     return table
 

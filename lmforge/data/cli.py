@@ -41,14 +41,10 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
     from lmforge.data.config import load_prepare_config
     from lmforge.data.prepare import prepare, summary_table
-    from lmforge.data.sources import BadInput
 
     console = Console(stderr=False)
     cfg = load_prepare_config(args.config, _prepare_overrides(args, extra))
-    try:
-        manifest = prepare(cfg, console=console, force=args.force)
-    except BadInput as e:
-        raise ConfigError(f"bad input (strict mode): {e}") from None
+    manifest = prepare(cfg, console=console, force=args.force)  # strict mode: BadInput (a DataError) names file:line
     console.print(summary_table(manifest))
     examples = manifest.get("prepare", {}).get("skipped_examples", {})
     for reason, items in examples.items():
@@ -121,16 +117,11 @@ def add_data_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m lmforge.data.cli prepare ...``."""
-    parser = argparse.ArgumentParser(prog="lmforge")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_commands(sub)
-    args, extra = parser.parse_known_args(["data", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args, extra)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry: ``python -m lmforge.data.cli prepare ...`` is ``lmforge data prepare ...`` (same
+    error handler)."""
+    from lmforge.cli import main as lmforge_main
+
+    return lmforge_main(["data", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Config for ``lmforge data prepare``: sources → clean → dedup → tokenizer → packed output.
 
-Same conventions as lmforge/config.py: YAML plus ``--section.key=value`` overrides, unknown keys
-rejected with the closest valid key suggested.
+Loaded by the one loader of lmforge/config_loader.py: YAML plus ``--section.key=value`` overrides, unknown
+keys rejected with the closest valid key suggested, every error at its file:line:column.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from lmforge.config import ConfigError, format_validation_error, Section, deep_merge, parse_overrides
+from lmforge.config import Section, load_root, validate_root
 
 
 class SourceConfig(Section):
@@ -95,30 +94,9 @@ class PrepareConfig(Section):
 
 
 def build_prepare_config(tree: dict, source: str = "") -> PrepareConfig:
-    try:
-        return PrepareConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, PrepareConfig)) from None
+    return validate_root(PrepareConfig, tree, source)
 
 
 def load_prepare_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PrepareConfig:
-    tree: dict = {}
-    source = str(path) if path else ""
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{loc}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        tree = loaded or {}
-        if "prepare" in tree and len(tree) == 1:  # allow nesting under a `prepare:` key
-            tree = tree["prepare"]
-    if overrides:
-        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        tree = deep_merge(tree, over)
-    return build_prepare_config(tree, source)
+    """The shared loader (``lmforge/config_loader.py``); a file may nest everything under ``prepare:``."""
+    return load_root(PrepareConfig, path, overrides, unwrap="prepare")

@@ -19,6 +19,13 @@ import numpy as np
 import torch
 
 from lmforge.data.pack import read_manifest
+from lmforge.errors import DataError
+
+
+class MissingSplit(DataError, KeyError):
+    """A split manifest.json does not list (also a KeyError: callers treat a missing ``val`` as optional)."""
+
+    __str__ = Exception.__str__
 
 
 class TokenShards:
@@ -29,7 +36,7 @@ class TokenShards:
         self.manifest = read_manifest(self.path)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise KeyError(f"{self.path}/manifest.json has no split '{split}' (has: {', '.join(splits)})")
+            raise MissingSplit(f"{self.path}/manifest.json has no split '{split}' (has: {', '.join(splits)})")
         self.split = split
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.vocab_size: int = int(self.manifest["vocab_size"])
@@ -42,7 +49,7 @@ class TokenShards:
                 raise FileNotFoundError(f"{f}: shard listed in manifest.json is missing")
             size = f.stat().st_size
             if size != e["tokens"] * self.dtype.itemsize:
-                raise ValueError(f"{f}: {size} bytes but manifest.json says {e['tokens']} tokens of {self.dtype.name} "
+                raise DataError(f"{f}: {size} bytes but manifest.json says {e['tokens']} tokens of {self.dtype.name} "
                                  f"({e['tokens'] * self.dtype.itemsize} bytes); run `lmforge data verify {self.path}`")
             if e["tokens"]:
                 self._maps.append(np.memmap(f, dtype=self.dtype, mode="r"))
@@ -94,7 +101,7 @@ class RandomWindowLoader:
         self.seed, self.rank, self.world_size, self.doc_mask = seed, rank, world_size, doc_mask
         self.num_windows = len(shards) // seq_len - 1
         if self.num_windows < world_size:
-            raise ValueError(f"split '{shards.split}' of {shards.path} has {len(shards)} tokens: too few for "
+            raise DataError(f"split '{shards.split}' of {shards.path} has {len(shards)} tokens: too few for "
                              f"{world_size} rank(s) of windows of data.seq_len={seq_len}+1 tokens")
         self.samples = 0  # global samples consumed by all ranks together
         self._epoch_cache: tuple[int, int, np.ndarray] | None = None
@@ -135,7 +142,7 @@ class RandomWindowLoader:
         """Continue after ``state``. A different world_size or batch_size is allowed (samples continue)."""
         for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("num_tokens", len(self.shards))):
             if state.get(key) != mine:
-                raise ValueError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}; "
+                raise DataError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}; "
                                  f"resuming would not continue the same data stream")
         self.samples = int(state["samples"])
 
@@ -149,7 +156,7 @@ class SequentialEvalLoader:
         self.rank, self.world_size, self.doc_mask = rank, world_size, doc_mask
         n_windows = (len(shards) - 1) // seq_len
         if n_windows < 1:
-            raise ValueError(f"split '{shards.split}' of {shards.path} has {len(shards)} tokens: fewer than one "
+            raise DataError(f"split '{shards.split}' of {shards.path} has {len(shards)} tokens: fewer than one "
                              f"window of data.seq_len={seq_len}+1 tokens")
         usable = max(n_windows // world_size, 1) * world_size  # equal batch counts on every rank
         mine = list(range(rank, min(usable, n_windows), world_size))
@@ -160,6 +167,11 @@ class SequentialEvalLoader:
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    @property
+    def batch_windows(self) -> list[list[int]]:
+        """The global window indices of each batch, in order."""
+        return self._batches
 
     def __iter__(self) -> Iterator[dict]:
         T = self.seq_len

@@ -2,8 +2,9 @@
 
 Wraps the causal window loaders: each window's tokens become the encoder input, and the data pipeline's
 ``MLMCollator`` masks them (15% of non-special tokens; 80% mask token / 10% random / 10% unchanged).
-The masking generator is seeded from (seed, position in the sample stream, rank), so a batch is a pure
-function of the loader state and resume stays exact with no extra RNG state.
+Each window is masked by its own generator, seeded from (seed, the window's global sample index), so a batch
+is a pure function of the loader state (resume stays exact with no extra RNG state) and a window gets the same
+mask whatever the number of ranks or the micro-batch split (2 ranks reproduce 1 process).
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ def _collator(tokenizer, mask_id: int, prob: float, vocab_size: int) -> MLMColla
                        is not None else mask_id, special_ids=specials, prob=prob)
 
 
-def _masked(batch: dict, collator: MLMCollator, seed: list[int]) -> dict:
-    collator.gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]))
-    inputs_BT, labels_BT = collator.mask(batch["input_ids"])
-    out = {"input_ids": inputs_BT, "labels": labels_BT}
+def _masked(batch: dict, collator: MLMCollator, seeds: list[list[int]]) -> dict:
+    """Mask row ``b`` of ``batch`` with a generator seeded from ``seeds[b]``."""
+    rows_in, rows_lab = [], []
+    for b, seed in enumerate(seeds):
+        collator.gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]))
+        inputs_1T, labels_1T = collator.mask(batch["input_ids"][b:b + 1])
+        rows_in.append(inputs_1T)
+        rows_lab.append(labels_1T)
+    out = {"input_ids": torch.cat(rows_in), "labels": torch.cat(rows_lab)}
     if "doc_ids" in batch:
         out["doc_ids"] = batch["doc_ids"]
     return out
@@ -53,8 +59,9 @@ class MLMLoader:
         self.collator = _collator(tokenizer, mask_id, prob, vocab_size)
 
     def next_batch(self) -> dict:
-        position = self.base.samples
-        return _masked(self.base.next_batch(), self.collator, [self.seed, position, self.rank])
+        b = self.base
+        js = [b.samples + i * b.world_size + b.rank for i in range(b.batch_size)]  # global sample indices
+        return _masked(b.next_batch(), self.collator, [[self.seed, j] for j in js])
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -81,8 +88,8 @@ class MLMEvalLoader:
         return len(self.base)
 
     def __iter__(self) -> Iterator[dict]:
-        for i, batch in enumerate(self.base):
-            yield _masked(batch, self.collator, [self.seed, 1 << 40, i, self.rank])
+        for windows, batch in zip(self.base.batch_windows, self.base):
+            yield _masked(batch, self.collator, [[self.seed, 1 << 40, w] for w in windows])
 
 
 def mlm_loaders_for(cfg, train_loader=None, eval_batches=None, rank: int = 0):

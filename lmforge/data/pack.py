@@ -28,6 +28,7 @@ import numpy as np
 from lmforge.data import _tokenize_worker as tw
 from lmforge.data.parallel import ordered_map
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -163,7 +164,7 @@ def pack_documents(
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens={shard_tokens} must be >= 1")
     if tokenizer.eos_id is None:
-        raise ValueError("tokenizer has no end-of-text token; packing needs one to separate documents")
+        raise DataError("tokenizer has no end-of-text token; packing needs one to separate documents")
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     out = Path(out_dir)
@@ -217,7 +218,7 @@ def pack_documents(
     for w in writers.values():
         w.flush()
     if any(skip.values()):
-        raise ValueError(f"{out}: progress.json lists more finished documents than the input has "
+        raise DataError(f"{out}: progress.json lists more finished documents than the input has "
                          f"({skip}); the input changed since the interrupted run; delete {progress_path} to start over")
     splits = progress["splits"]
     manifest = {
@@ -275,12 +276,12 @@ def read_manifest(path: str | Path) -> dict:
     try:
         m = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     for key in ("format_version", "dtype", "vocab_size", "eos_id", "splits"):
         if key not in m:
-            raise ValueError(f"{file}: missing key '{key}'")
+            raise DataError(f"{file}: missing key '{key}'")
     if m["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {m['format_version']} is newer than this lmforge ({FORMAT_VERSION})")
+        raise DataError(f"{file}: format_version {m['format_version']} is newer than this lmforge ({FORMAT_VERSION})")
     if m["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{file}: dtype must be uint16 or uint32, got {m['dtype']!r}")
+        raise DataError(f"{file}: dtype must be uint16 or uint32, got {m['dtype']!r}")
     return m

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lmforge.errors import DataError
+
 IGNORE = -100
 _TEXT_COLUMNS = ("sentence", "text", "text_a", "review", "content")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
@@ -29,12 +31,12 @@ class ClassificationData:
 def _pick(columns: Sequence[str], wanted: Optional[str], candidates: tuple[str, ...], path, kind: str) -> str:
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{path}: {kind} column '{wanted}' not found (columns: {list(columns)})")
+            raise DataError(f"{path}: {kind} column '{wanted}' not found (columns: {list(columns)})")
         return wanted
     for c in candidates:
         if c in columns:
             return c
-    raise ValueError(f"{path}: no {kind} column among {list(columns)}; pass {kind}_field= (tried {list(candidates)})")
+    raise DataError(f"{path}: no {kind} column among {list(columns)}; pass {kind}_field= (tried {list(candidates)})")
 
 
 def read_classification(path: str | Path, text_field: Optional[str] = None, label_field: Optional[str] = None,
@@ -52,7 +54,7 @@ def read_classification(path: str | Path, text_field: Optional[str] = None, labe
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 tf = _pick(list(obj), text_field, _TEXT_COLUMNS, f"{path}:{n}", "text")
                 lf = _pick(list(obj), label_field, _LABEL_COLUMNS, f"{path}:{n}", "label")
                 rows.append((str(obj[tf]), str(obj[lf]), n))
@@ -62,14 +64,14 @@ def read_classification(path: str | Path, text_field: Optional[str] = None, labe
             reader = csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
             header = next(reader, None)
             if header is None:
-                raise ValueError(f"{path}: empty file")
+                raise DataError(f"{path}: empty file")
             ti = header.index(_pick(header, text_field, _TEXT_COLUMNS, path, "text"))
             li = header.index(_pick(header, label_field, _LABEL_COLUMNS, path, "label"))
             for row in reader:
                 if not row:
                     continue
                 if len(row) <= max(ti, li):
-                    raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}")
+                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}")
                 rows.append((row[ti].strip(), row[li].strip(), reader.line_num))
     found = {r[1] for r in rows}
     numeric = all(x.lstrip("-").isdigit() for x in found)
@@ -78,7 +80,7 @@ def read_classification(path: str | Path, text_field: Optional[str] = None, labe
     labels = []
     for text, lab, n in rows:
         if lab not in index:
-            raise ValueError(f"{path}:{n}: label {lab!r} not in label_names {names}")
+            raise DataError(f"{path}:{n}: label {lab!r} not in label_names {names}")
         labels.append(index[lab])
     return ClassificationData([r[0] for r in rows], labels, names)
 
@@ -129,19 +131,19 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if "messages" in obj:
                 msgs = obj["messages"]
                 if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ROLE_HEADERS
                                                          and isinstance(m.get("content"), str) for m in msgs):
-                    raise ValueError(f"{path}:{n}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
+                    raise DataError(f"{path}:{n}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
             elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
                 msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
                     {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
             else:
-                raise ValueError(f"{path}:{n}: expected 'messages' or string 'prompt' and 'response' keys, got {list(obj)}")
+                raise DataError(f"{path}:{n}: expected 'messages' or string 'prompt' and 'response' keys, got {list(obj)}")
             if not any(m["role"] == "assistant" for m in msgs):
-                raise ValueError(f"{path}:{n}: conversation has no assistant turn to learn from")
+                raise DataError(f"{path}:{n}: conversation has no assistant turn to learn from")
             convs.append(msgs)
     return convs
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from lmforge.errors import DataError
+
 IGNORE = -100
 
 
@@ -31,7 +33,7 @@ def read_conll(path: str | Path, tag_column: int = -1) -> list[Sentence]:
                     words, tags, extra = [], [], []
                 continue
             if len(parts) < 2:
-                raise ValueError(f"{path}:{n}: expected 'word ... tag' columns, got {line.strip()!r}")
+                raise DataError(f"{path}:{n}: expected 'word ... tag' columns, got {line.strip()!r}")
             words.append(parts[0])
             tags.append(parts[tag_column])
             extra.append(parts[1:tag_column] if tag_column == -1 else parts[1:])
@@ -45,7 +47,7 @@ def _split(tag: str) -> tuple[str, Optional[str]]:
         return "O", None
     prefix, _, typ = tag.partition("-")
     if prefix not in ("B", "I") or not typ:
-        raise ValueError(f"tag {tag!r} is not O, B-TYPE or I-TYPE")
+        raise DataError(f"tag {tag!r} is not O, B-TYPE or I-TYPE")
     return prefix, typ
 
 

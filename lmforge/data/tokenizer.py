@@ -14,6 +14,8 @@ from typing import Iterable, Optional
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from lmforge.errors import ConfigError, DataError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
@@ -32,9 +34,9 @@ class Tokenizer:
         self.eos_id: Optional[int] = hf.token_to_id(self.eos_token) if self.eos_token else None
         self.pad_id: Optional[int] = hf.token_to_id(self.pad_token) if self.pad_token else None
         if self.eos_token and self.eos_id is None:
-            raise ValueError(f"eos token {self.eos_token!r} is not in the tokenizer vocabulary")
+            raise DataError(f"eos token {self.eos_token!r} is not in the tokenizer vocabulary")
         if self.pad_token and self.pad_id is None:
-            raise ValueError(f"pad token {self.pad_token!r} is not in the tokenizer vocabulary")
+            raise DataError(f"pad token {self.pad_token!r} is not in the tokenizer vocabulary")
 
     @property
     def vocab_size(self) -> int:
@@ -100,7 +102,7 @@ def train_tokenizer(
     special_tokens = list(special_tokens)
     n_base = len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < n_base + len(special_tokens):
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
                          f"{n_base} byte tokens + {len(special_tokens)} special tokens")
     hf = _HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -129,7 +131,7 @@ def _special_from_hf_config(folder: Path) -> tuple[Optional[str], Optional[str]]
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
+            raise DataError(f"{f}: not valid JSON ({e})") from None
 
         def tok(v):
             return v.get("content") if isinstance(v, dict) else v
@@ -150,7 +152,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         hf = _HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+        raise DataError(f"{file}: not a valid tokenizer.json ({e})") from None
     hf.no_padding()  # HF folders may ship fixed-length padding/truncation (e.g. sentence-transformers);
     hf.no_truncation()  # encode() must return exactly the text's tokens
     eos, pad = _special_from_hf_config(folder) if path.is_dir() else (None, None)

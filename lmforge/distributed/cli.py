@@ -17,12 +17,8 @@ def _cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"checkpoint consolidate: unexpected arguments {' '.join(extra)}")
     from lmforge.distributed.checkpoint import consolidate
-    from lmforge.training.checkpoint import CheckpointError
 
-    try:
-        out = consolidate(args.checkpoint, args.out)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise ConfigError(str(e)) from None
+    out = consolidate(args.checkpoint, args.out)  # CheckpointError / FileNotFoundError: lmforge.cli reports them
     print(f"wrote {out}")
     return 0
 

@@ -11,8 +11,11 @@ the logits, assuming fused attention (no T×T score matrices); with activation c
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Optional
+
+from lmforge.errors import ConfigError
 
 GiB = 1024 ** 3
 _STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3+offload")
@@ -33,7 +36,8 @@ class ModelShape:
         from lmforge.models.common import ffn_hidden_default
 
         if mcfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set (needed to size the embeddings)")
+            raise ConfigError("model.vocab_size is not set (needed to size the embeddings)",
+                              hint="set --model.vocab_size=N, or data.path to a packed folder that states it")
         return cls(mcfg.vocab_size, mcfg.d_model, mcfg.n_layers, mcfg.n_heads, mcfg.n_kv_heads or mcfg.n_heads,
                    mcfg.ffn_hidden or ffn_hidden_default(mcfg.d_model), mcfg.tie_embeddings)
 
@@ -59,7 +63,7 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, *, tp: int = 1, 
     """Bytes per rank: params (persistent), params_gathered (transient), grads, optimizer, activations,
     total (device) and host (CPU-offloaded state)."""
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tp={tp} × pp={pp}")
+        raise ConfigError(f"world size {world_size} is not divisible by distributed.tp={tp} × distributed.pp={pp}")
     dp = world_size // (tp * pp)
     shard = dp // dp_replicate if strategy.startswith(("zero2", "zero3")) else 1
     offload = strategy.endswith("+offload")
@@ -129,7 +133,15 @@ def estimate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--budget-gb", type=float, default=None, help="per-rank device memory budget")
     args, overrides = ap.parse_known_args(argv)
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size}: the number of ranks must be >= 1")
+    if args.budget_gb is not None and not (math.isfinite(args.budget_gb) and args.budget_gb > 0):
+        raise ConfigError(f"--budget-gb {args.budget_gb}: the per-rank memory budget must be a number > 0")
     cfg = load_config(args.config, overrides)
+    if cfg.model.vocab_size is None and cfg.data.path:  # as `train` does: the data's tokenizer sizes the model
+        from lmforge.data.pack import read_manifest
+
+        cfg.model.vocab_size = read_manifest(cfg.data.path)["vocab_size"]
     shape = ModelShape.from_config(cfg.model)
     d, t = cfg.distributed, cfg.training
     kw = dict(seq_len=cfg.data.seq_len, optimizer=cfg.optimizer.name, momentum=cfg.optimizer.momentum,

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from lmforge.config import (CheckpointConfig, ConfigError, DistributedConfig, format_validation_error, OptimizerConfig,
-                            SchedulerConfig, Section, TrainingConfig, deep_merge, parse_overrides)
+from lmforge.config import (CheckpointConfig, ConfigError, DistributedConfig, OptimizerConfig, SchedulerConfig, Section,
+                            TrainingConfig, load_root, validate_root)
 
 Method = Literal["full", "lora", "adalora", "adapter", "prefix"]
 Task = Literal["classification", "token-classification", "sft"]
@@ -136,6 +136,11 @@ class FinetuneConfig(Section):
             raise ValueError(f"distributed.engine={d.engine} is not supported by finetune; use native")
         return self
 
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> "FinetuneConfig":
+        self.selection_metric()  # an unknown train.metric fails at load time, before any run folder exists
+        return self
+
     def selection_metric(self) -> tuple[str, str]:
         """(metric name, 'max' | 'min')."""
         m = self.train.metric
@@ -148,26 +153,12 @@ class FinetuneConfig(Section):
 
 
 def build_finetune_config(tree: dict, source: str = "") -> FinetuneConfig:
-    try:
-        return FinetuneConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, FinetuneConfig)) from None
+    return validate_root(FinetuneConfig, tree, source)
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-    over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    return build_finetune_config(deep_merge(tree, over), str(path or "overrides"))
+    """The shared loader (``lmforge/config_loader.py``): errors name file:line:column and the key path."""
+    return load_root(FinetuneConfig, path, overrides)
 
 
 def save_finetune_config(cfg: FinetuneConfig, path: str | Path) -> None:

@@ -110,6 +110,8 @@ def build_engine(cfg: Config, pdims, device: torch.device) -> Built:
 
     tc = cfg.training
     base = build_model(cfg.model, device="meta")
+    if getattr(base, "pooler", None) is not None and getattr(base, "nsp_head", None) is None:
+        base.pooler.requires_grad_(False)  # BERT's pooler feeds only NSP: no gradient (and DDP needs every grad)
     model = parallelize_model(base, pdims, cfg, init_fn=lambda m: materialize(base, m, tc.seed, device))
     master = MasterWeights.maybe(model, tc)
     optimizer = build_optimizer(model, cfg.optimizer, master.substitute() if master else None)

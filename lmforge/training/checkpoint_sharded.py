@@ -340,8 +340,8 @@ def export_from_checkpoint(path: str | Path, out_file: str | Path, tied: bool) -
     from safetensors.torch import save_file
 
     tensors = full_weights(path)
-    if tied:
-        tensors.pop("output.weight", None)  # stored once, as in single-process exports
+    for name in (["output.weight"] if tied is True else tied or []):
+        tensors.pop(name, None)  # tied aliases are stored once, as in single-process exports
     out = Path(out_file)
     tmp = out.with_suffix(out.suffix + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"step": str(ckpt.read_manifest(Path(path))["step"])})

@@ -124,9 +124,12 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
     """Final ``model.safetensors`` (unless the run stopped non-finite), ``summary.json`` and the report."""
     run_dir = Path(cfg.run_dir)
     if export and summary["stop_reason"] != "non_finite":
-        _export(model, run_dir, summary["steps"], pdims, job.checkpoints.last_saved, cfg.model.tie_embeddings)
+        _export(model, run_dir, summary["steps"], pdims, job.checkpoints.last_saved, tied_aliases(model))
     if pdims.is_distributed:
+        from lmforge.distributed.utils import local_state_bytes
+
         summary["world_size"] = pdims.world_size
+        summary["rank_state_bytes"] = local_state_bytes(model, getattr(job.step.engine, "optimizer", None))
     if pdims.is_rank0:
         from lmforge.training.report import finish_run
 
@@ -134,7 +137,15 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
     return summary
 
 
-def _export(model, run_dir: Path, step: int, pdims, last_saved, tied: bool) -> None:
+def tied_aliases(model) -> list[str]:
+    """Canonical names of parameters that are another parameter under a second name (tied heads)."""
+    from lmforge.training.precision import canonical_name
+
+    first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    return [canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n]
+
+
+def _export(model, run_dir: Path, step: int, pdims, last_saved, tied: list[str]) -> None:
     """Final ``model.safetensors``: the live weights, or (multi-process) rank 0 merges the last checkpoint."""
     from lmforge.training import checkpoint as ckpt
 

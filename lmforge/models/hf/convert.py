@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from lmforge.config import ConfigError
+from lmforge.errors import CheckpointError, ConfigError, UserError
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] = None,
@@ -38,7 +38,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] =
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]] = None) -> int:
+    """``lmforge hf ...`` (argv after ``hf``). Raises on failure; ``lmforge.cli`` reports it."""
     ap = argparse.ArgumentParser(prog="lmforge hf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -51,23 +52,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("hf_dir")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "export":
-            if Path(args.out).exists() and any(Path(args.out).iterdir()):
-                raise ConfigError(f"output folder {args.out} exists and is not empty")
-            out = export_run(args.run_dir, args.out, args.checkpoint,
-                             getattr(torch, args.dtype) if args.dtype else None)
-            print(f"wrote {out}")
-        else:
-            from lmforge.models.hf import hf_config_to_lmforge, load_hf
+        return _export(args) if args.cmd == "export" else _check(args)
+    except (ValueError, KeyError) as err:  # models/hf's readers name the folder, file and tensor (bad input)
+        if isinstance(err, UserError):
+            raise
+        raise CheckpointError(str(err.args[0] if err.args else err)) from err
 
-            cfg = hf_config_to_lmforge(args.hf_dir)
-            model = load_hf(args.hf_dir)
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-            print(f"params {model.num_params() / 1e6:.2f}M")
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _export(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise ConfigError(f"output folder {args.out} exists and is not empty",
+                          hint="give a new or empty folder; the export never overwrites")
+    out = export_run(args.run_dir, args.out, args.checkpoint, getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote {out}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lmforge.models.hf import hf_config_to_lmforge, load_hf
+
+    cfg = hf_config_to_lmforge(args.hf_dir)
+    model = load_hf(args.hf_dir)
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    print(f"params {model.num_params() / 1e6:.2f}M")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Standalone entry (``python -m lmforge.models.hf.convert``): the same as ``lmforge hf ...``, through the
+    one error handler of ``lmforge.cli``."""
+    from lmforge.cli import main as lmforge_main
+
+    return lmforge_main(["hf", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
