@@ -214,6 +214,15 @@ def test_grad_accumulation_equals_one_batch(tiny_run, cls_files, chat_file, tmp_
         torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_accumulation_needs_an_example_per_micro_batch():
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps=9 exceeds train.batch_size=8"):
+        load_finetune_config(None, ["--base.path=x", "--data.train=y", "--train.batch_size=8",
+                                    "--train.grad_accum_steps=9"])
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_run, cls_files, tmp_path, monkeypatch):  # noqa: F811
     from lmforge.training.engine import NativeEngine
 

@@ -108,6 +108,13 @@ class FTTrainConfig(Section):
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
 
+    @model_validator(mode="after")
+    def _accum_fits_batch(self) -> "FTTrainConfig":
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} exceeds train.batch_size="
+                             f"{self.batch_size} (each micro-batch needs at least one example)")
+        return self
+
 
 class FinetuneConfig(Section):
     run_dir: str = "runs/finetune"
