@@ -1,4 +1,4 @@
-"""GPT-2 and BERT architectures and the classification heads."""
+"""GPT-2 and BERT architectures, the loss protocol of forward (labels_BT=...), pooling and task heads."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ import torch
 from lmforge.config import ConfigError, ModelConfig, build_config
 from lmforge.models import build_model
 from lmforge.models.generate import generate
-from lmforge.models.heads import SequenceClassifier, TokenClassifier, pool
+from lmforge.finetune.model import LmforgeBackbone, TaskModel
+from lmforge.models.heads import pool
+from lmforge.models.losses import IGNORE_INDEX
 
 torch.set_num_threads(1)
 
@@ -84,32 +86,91 @@ def test_bert_bidirectional_padding_and_mlm_loss():
 
 
 @pytest.mark.parametrize("arch,pooling", [("bert", "cls"), ("bert", "mean"), ("llama", "last"), ("gpt2", "mean")])
-def test_sequence_classifier_ignores_padding(arch, pooling):
+def test_task_model_classification_ignores_padding(arch, pooling):
     torch.manual_seed(0)
-    clf = SequenceClassifier(build_model(cfg(arch), seed=4), num_classes=3, pooling=pooling).eval()
+    clf = TaskModel(LmforgeBackbone(build_model(cfg(arch), seed=4)), "classification", 3, pooling).eval()
     x = torch.randint(1, 71, (1, 9))
     padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
-    pad = torch.cat([torch.ones(1, 9), torch.zeros(1, 5)], 1).bool()
-    torch.testing.assert_close(clf(padded, pad), clf(x), rtol=1e-4, atol=1e-5)
-    loss = clf.loss(padded, torch.tensor([2]), pad)
+    pad = torch.cat([torch.ones(1, 9), torch.zeros(1, 5)], 1).long()
+    torch.testing.assert_close(clf(padded, pad), clf(x, torch.ones_like(x)), rtol=1e-4, atol=1e-5)
+    loss, _ = clf.loss({"input_ids": padded, "attention_mask": pad, "label": torch.tensor([2])})
     loss.backward()
-    assert clf.classifier.weight.grad.abs().sum() > 0
+    assert clf.head.weight.grad.abs().sum() > 0
+    assert {"head.weight", "head.bias"} <= set(clf.state_dict())  # saved adapters depend on these names
 
 
-def test_token_classifier_and_pool_errors():
-    tc = TokenClassifier(build_model(cfg("bert"), seed=6), num_labels=5)
-    x = torch.randint(0, 71, (2, 7))
-    assert tc(x).shape == (2, 7, 5)
-    labels = torch.randint(0, 5, (2, 7))
-    pad = torch.ones(2, 7, dtype=torch.bool)
-    pad[1, 4:] = False
-    full = tc.loss(x, labels, pad)
-    manual = labels.clone()
-    manual[1, 4:] = -100
-    torch.testing.assert_close(full, torch.nn.functional.cross_entropy(tc(x, pad).flatten(0, 1), manual.flatten(),
-                                                                       ignore_index=-100))
+def test_pool_last_any_padding_side_and_errors():
+    h = torch.randn(3, 6, 4)
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    count_B = right.sum(1).clamp(min=1) - 1  # right padding: the last real token is at count - 1
+    assert torch.equal(pool(h, right, "last"), h[torch.arange(3), count_B])
+    left = right.flip(1)
+    assert torch.equal(pool(h, left, "last")[:2], h[:2, -1])
+    assert torch.equal(pool(h, None, "last"), h[:, -1]) and torch.equal(pool(h, right, "cls"), h[:, 0])
+    torch.testing.assert_close(pool(h, right, "mean")[1], h[1, :3].mean(0))
     with pytest.raises(ValueError, match="pooling"):
         pool(torch.zeros(1, 2, 3), None, "max")
+    with pytest.raises(ConfigError, match="base.pooling"):
+        TaskModel(LmforgeBackbone(build_model(cfg("bert"), seed=6)), "classification", 3, "max")
+
+
+def test_task_model_token_classification_loss():
+    tc = TaskModel(LmforgeBackbone(build_model(cfg("bert"), seed=6)), "token-classification", 5, dropout=0.0)
+    x = torch.randint(0, 71, (2, 7))
+    pad = torch.ones(2, 7, dtype=torch.long)
+    pad[1, 4:] = 0
+    assert tc(x, pad).shape == (2, 7, 5)
+    labels = torch.randint(0, 5, (2, 7))
+    labels[1, 4:] = IGNORE_INDEX
+    loss, logits = tc.loss({"input_ids": x, "attention_mask": pad, "labels": labels})
+    kept = labels != IGNORE_INDEX
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[kept], labels[kept]))
+
+
+def _labels(arch, x):
+    """Decoders: shifted next tokens with some ignored; BERT: a few labelled (masked) positions."""
+    if arch == "bert":
+        y = torch.full_like(x, IGNORE_INDEX)
+        y[:, 2:9:3] = x[:, 2:9:3]
+        return y
+    y = torch.roll(x, -1, 1)
+    y[0, :4] = IGNORE_INDEX
+    return y
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_forward_with_labels_is_the_loss(arch, reduction):
+    m = build_model(cfg(arch), seed=9)
+    x = torch.randint(0, 71, (2, 12))
+    y = _labels(arch, x)
+    doc = torch.tensor([[0] * 5 + [1] * 7] * 2)
+    grads = []
+    for fn in (lambda: m(x, doc, labels_BT=y, reduction=reduction), lambda: m.loss(x, y, doc, reduction=reduction)):
+        m.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert torch.equal(m(x, doc, labels_BT=y, reduction=reduction), m.loss(x, y, doc, reduction=reduction))
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert m(x, doc).shape == (2, 12, 71)  # without labels: logits, unchanged
+    n = int((y != IGNORE_INDEX).sum())
+    torch.testing.assert_close(m(x, labels_BT=y, reduction="sum"), m(x, labels_BT=y) * n, rtol=1e-5, atol=1e-5)
+    ref = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction=reduction)
+    torch.testing.assert_close(m(x, labels_BT=y, reduction=reduction), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        m(x, labels_BT=y, reduction="none")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forward_with_labels_plain_path_for_a_swapped_head(arch):
+    m = build_model(cfg(arch, tie_embeddings=False), seed=10)
+    m.output = torch.nn.Linear(32, 71, bias=True)  # a bias: the fused path does not apply
+    x = torch.randint(0, 71, (2, 10))
+    y = _labels(arch, x)
+    ref = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum")
+    torch.testing.assert_close(m(x, labels_BT=y, reduction="sum"), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

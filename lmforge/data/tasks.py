@@ -1,7 +1,7 @@
 """Fine-tuning task data: classification files, instruction/chat JSONL with response-only loss, MLM masking.
 
 Token classification (CoNLL) lives in ``tasks_conll.py``. Legend: B = batch, T = sequence length.
-Labels use -100 where no loss is taken (PyTorch cross_entropy's default ignore_index).
+Labels use ``IGNORE_INDEX`` (-100, from ``models/losses.py``) where no loss is taken.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import torch
 
 from lmforge.errors import DataError
+from lmforge.models.losses import IGNORE_INDEX
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the name finetune/data.py, finetune/distributed.py and tests import from here
 _TEXT_COLUMNS = ("sentence", "text", "text_a", "review", "content")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
 
@@ -102,7 +103,7 @@ def pad_collate(examples: list[dict], pad_id: int) -> dict:
     attention_mask_BT = torch.zeros((B, T), dtype=torch.bool)
     batch = {"input_ids": input_ids_BT, "attention_mask": attention_mask_BT}
     if "labels" in examples[0]:
-        batch["labels"] = torch.full((B, T), IGNORE, dtype=torch.long)
+        batch["labels"] = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     for b, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids_BT[b, :n] = torch.tensor(e["input_ids"])
@@ -157,7 +158,7 @@ def encode_chat(tokenizer, messages: list[dict], max_len: int) -> dict:
         head = tokenizer.encode(ROLE_HEADERS[m["role"]])
         body = tokenizer.encode(m["content"])
         ids += head
-        labels += [IGNORE] * len(head)
+        labels += [IGNORE_INDEX] * len(head)
         if m["role"] == "assistant":
             tail = body + [tokenizer.eos_id]
             ids += tail
@@ -165,7 +166,7 @@ def encode_chat(tokenizer, messages: list[dict], max_len: int) -> dict:
         else:
             tail = body + tokenizer.encode(END_OF_TURN)
             ids += tail
-            labels += [IGNORE] * len(tail)
+            labels += [IGNORE_INDEX] * len(tail)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
@@ -194,7 +195,7 @@ class MLMCollator:
         g = self.gen
         maskable_BT = ~torch.isin(input_ids_BT, self.special)
         chosen_BT = (torch.rand(input_ids_BT.shape, generator=g) < self.prob) & maskable_BT
-        labels_BT = torch.where(chosen_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE))
+        labels_BT = torch.where(chosen_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
         roll_BT = torch.rand(input_ids_BT.shape, generator=g)
         inputs_BT = input_ids_BT.clone()
         inputs_BT[chosen_BT & (roll_BT < 0.8)] = self.mask_id

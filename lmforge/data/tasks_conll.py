@@ -9,8 +9,7 @@ from typing import Optional
 import numpy as np
 
 from lmforge.errors import DataError
-
-IGNORE = -100
+from lmforge.models.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -109,14 +108,14 @@ def align_labels(tokenizer, words: list[str], tags: list[str], label2id: dict[st
         ids.append(tid)
         word_ids.append(w)
         if w < 0:
-            labels.append(IGNORE)
+            labels.append(IGNORE_INDEX)
         elif w != prev_word:
             labels.append(label2id[tags[w]])
         elif label_all_subwords:
             t = tags[w]
             labels.append(label2id.get("I-" + t[2:], label2id[t]) if t.startswith("B-") else label2id[t])
         else:
-            labels.append(IGNORE)
+            labels.append(IGNORE_INDEX)
         if w >= 0:
             prev_word = w
     if max_len is not None:

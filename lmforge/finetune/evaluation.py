@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.tasks import IGNORE
 from lmforge.data.tasks_conll import word_predictions
 from lmforge.finetune.data import eval_batches
 from lmforge.finetune.reports import classification_report, entity_report
+from lmforge.models.losses import IGNORE_INDEX
 from lmforge.training.step import autocast_ctx
 
 
@@ -40,18 +40,18 @@ def evaluate_examples(model, examples: list[dict], task: str, label_names: list[
             y_pred += logits.argmax(-1).tolist()
         elif task == "token-classification":
             labels = batch["labels"]
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                         reduction="sum").item()
-            loss_n += int((labels != IGNORE).sum())
+            loss_n += int((labels != IGNORE_INDEX).sum())
             pred = logits.argmax(-1).tolist()
             for e, p in zip(chunk, pred):
                 tags_true.append(e["tags"])
                 tags_pred.append(word_predictions(p[: len(e["word_ids"])], e["word_ids"], len(e["tags"]), id2label))
         else:
             labels = batch["labels"][:, 1:]
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                         reduction="sum").item()
-            loss_n += int((labels != IGNORE).sum())
+            loss_n += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
     val_loss = loss_sum / max(loss_n, 1)
     if task == "classification":

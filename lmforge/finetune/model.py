@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError
-
-IGNORE = -100
+from lmforge.models.heads import POOLINGS, pool
+from lmforge.models.losses import IGNORE_INDEX
 
 
 class PrefixKV(nn.Module):
@@ -72,12 +72,10 @@ class LmforgeBackbone(nn.Module):
         if P + T > self.max_len:
             raise ValueError(f"prefix {P} + {T} tokens exceeds the base model's max_seq_len={self.max_len}")
         cache = self.model.new_cache(B, P + T, device=input_ids_BT.device)
+        cache.begin(P, None)  # the prefix slots, written through the cache interface like any keys
         for i in range(len(self.model.layers)):
-            pad_k = self.prefix.k.new_zeros(B, self.prefix.k.shape[1], T, self.prefix.k.shape[3])
-            cache.k[i] = torch.cat([self.prefix.k[i].expand(B, -1, -1, -1), pad_k], dim=2)
-            cache.v[i] = torch.cat([self.prefix.v[i].expand(B, -1, -1, -1), pad_k.clone()], dim=2)
-        cache.valid_BS[:, :P] = True
-        cache.pos = P
+            cache.update(i, self.prefix.k[i].expand(B, -1, -1, -1), self.prefix.v[i].expand(B, -1, -1, -1))
+        cache.advance(P)
         return self.model.hidden_states(input_ids_BT, cache=cache, pad_mask_BT=attention_mask_BT)
 
     def lm_logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
@@ -119,6 +117,8 @@ class TaskModel(nn.Module):
         super().__init__()
         self.backbone, self.task = backbone, task
         self.pooling = pooling if pooling != "auto" else ("last" if backbone.kind == "decoder" else "mean")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"base.pooling={pooling!r}: choose auto, {', '.join(POOLINGS)}")
         if self.pooling == "cls" and backbone.kind == "decoder":
             raise ConfigError("base.pooling=cls needs an encoder; a decoder's first token sees nothing else "
                               "(use last or mean)")
@@ -134,27 +134,18 @@ class TaskModel(nn.Module):
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def _pool(self, h_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "cls":
-            return h_BTD[:, 0]
-        if self.pooling == "mean":
-            m_BT1 = mask_BT[..., None].to(h_BTD.dtype)
-            return (h_BTD * m_BT1).sum(1) / m_BT1.sum(1).clamp(min=1)
-        last_B = mask_BT.long().sum(1).clamp(min=1) - 1
-        return h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), last_B]
-
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         h_BTD = self.backbone(input_ids_BT, attention_mask_BT)
         if self.task == "sft":
             return self.backbone.lm_logits(h_BTD)
         if self.task == "classification":
-            h_BTD = self._pool(h_BTD, attention_mask_BT)
+            h_BTD = pool(h_BTD, attention_mask_BT, self.pooling)
         return self.head(self.dropout(h_BTD)).float()
 
     def targets(self, logits: torch.Tensor, batch: dict, class_weights: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(logits [N, K], labels [N], class weights) the loss is taken over; sft: next-token targets, no
-        class weights; IGNORE labels drop out."""
+        class weights; IGNORE_INDEX labels drop out."""
         if self.task == "classification":
             return logits, batch["label"], class_weights
         labels_BT = batch["labels"]
@@ -166,7 +157,7 @@ class TaskModel(nn.Module):
         """(mean loss, logits). sft: next-token loss on labelled (response) tokens only."""
         logits = self(batch["input_ids"], batch["attention_mask"])
         z, y, w = self.targets(logits, batch, class_weights)
-        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE), logits
+        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE_INDEX), logits
 
 
 # ----------------------------------------------------------------------------- loading bases

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
-from lmforge.data.tasks import IGNORE
 from lmforge.finetune.config import FinetuneConfig, save_finetune_config
 from lmforge.finetune.data import TaskBatches, load_task_data
 from lmforge.finetune.distributed import BestWeights, agree, start, training_view, unsharded_copy
@@ -33,6 +32,7 @@ from lmforge.finetune.methods import adapter_tensors, apply_method, load_adapter
 from lmforge.finetune.model import TaskModel, load_base
 from lmforge.finetune.reports import print_report, write_report
 from lmforge.finetune.vocab import extend_vocab
+from lmforge.models.losses import IGNORE_INDEX
 from lmforge.training.loop import Job, Limits, TrainState, run_loop
 from lmforge.training.step import StepSettings, TrainStep
 
@@ -102,7 +102,7 @@ class TaskObjective:
         ids_BT = batch["input_ids"]
         empty = ids_BT.new_empty((*ids_BT.shape, 0), dtype=torch.float32)  # labels only: a logits placeholder
         _, y, w = self.task_model.targets(empty, batch, self.class_weights)
-        valid = y != IGNORE
+        valid = y != IGNORE_INDEX
         return float(w[y[valid]].sum()) if w is not None else float(valid.sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
@@ -110,7 +110,7 @@ class TaskObjective:
         logits = model(batch["input_ids"], batch["attention_mask"])
         cw = self.class_weights.to(device) if self.class_weights is not None else None
         z, y, w = self.task_model.targets(logits, batch, cw)
-        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def build_task_model(cfg: FinetuneConfig, total_steps: int, label_names: list[str], backbone=None):

@@ -1,8 +1,10 @@
 """BERT-style encoder: learned positions + token types, post-LayerNorm blocks, GELU MLP, MLM and NSP heads.
 
-``forward(tokens_BT, doc_ids_BT=None, *, token_type_ids_BT=None, pad_mask_BT=None) -> mlm_logits_BTV``.
-Attention is bidirectional; ``pad_mask_BT`` (True = real token) hides padding keys and ``doc_ids_BT``
-restricts attention to the same document.
+``forward(tokens_BT, doc_ids_BT=None, *, labels_BT=None, reduction="mean", token_type_ids_BT=None,
+pad_mask_BT=None)`` → MLM logits [B, T, V], or with ``labels_BT`` the MLM loss of ``loss(...)`` (the protocol
+of ``decoder.Decoder``): sum = Σ_{t: y_t ≠ ignore} −log softmax(logits_t)[y_t] (no shift), mean = sum / #{t:
+y_t ≠ ignore}. Attention is bidirectional; ``pad_mask_BT`` (True = real token) hides padding keys and
+``doc_ids_BT`` restricts attention to the same document.
 
 Legend: B batch, T tokens, D d_model, V vocab.
 """
@@ -15,21 +17,24 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.common import fill_const_, fill_normal_, init_generator, linear_weights
+from lmforge.errors import ConfigError, DataError
+from lmforge.models.common import (attention_mask, count_params, fill_const_, fill_normal_, init_generator,
+                                   linear_weights)
 from lmforge.models.gpt2 import ACTIVATIONS, MLP, BiasedAttention
+from lmforge.models.losses import IGNORE_INDEX, cross_entropy
 
 
 class BertBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention = BiasedAttention(cfg)
+        self.attention = BiasedAttention(cfg, causal=False)
         self.attention_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.feed_forward = MLP(cfg.d_model, cfg.ffn_hidden or 4 * cfg.d_model, cfg.activation or "gelu")
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x_BTD, mask):
-        x_BTD = self.attention_norm(x_BTD + self.dropout(self.attention(x_BTD, mask, False)))
+        x_BTD = self.attention_norm(x_BTD + self.dropout(self.attention(x_BTD, mask)))
         return self.ffn_norm(x_BTD + self.dropout(self.feed_forward(x_BTD)))
 
 
@@ -55,7 +60,7 @@ class Bert(nn.Module):
     def __init__(self, cfg: ModelConfig, nsp_head: bool = False):
         super().__init__()
         if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set")
+            raise ConfigError("model.vocab_size is not set")
         self.cfg = cfg
         d = cfg.d_model
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, d)
@@ -88,10 +93,7 @@ class Bert(nn.Module):
                 fill_const_(mod.bias, 0.0)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= sum(e.weight.numel() for e in (self.tok_embeddings, self.pos_embeddings, self.type_embeddings))
-        return n
+        return count_params(self, exclude_embeddings)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Encoder + MLM head, full (non-causal) attention: 6·matmul weights + 12·L·D·T."""
@@ -101,17 +103,10 @@ class Bert(nn.Module):
     def hidden_states(self, tokens_BT, doc_ids_BT=None, *, token_type_ids_BT: Optional[torch.Tensor] = None,
                       pad_mask_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last-layer hidden states [B, T, D]."""
-        B, T = tokens_BT.shape
+        T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        mask = None
-        if pad_mask_BT is not None:
-            mask = pad_mask_BT.to(torch.bool)[:, None, None, :]
-        if doc_ids_BT is not None:
-            same = (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])[:, None]
-            mask = same if mask is None else mask & same
-        if mask is not None:  # a fully masked (padding) query row would give NaN: let it see itself
-            mask = mask | torch.eye(T, dtype=torch.bool, device=tokens_BT.device)
+            raise DataError(f"tokens_BT of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        mask = attention_mask(T, pad_mask_BT, doc_ids_BT, causal=False)
         types = token_type_ids_BT if token_type_ids_BT is not None else torch.zeros_like(tokens_BT)
         pos = torch.arange(T, device=tokens_BT.device)[None]
         x_BTD = self.tok_embeddings(tokens_BT) + self.pos_embeddings(pos) + self.type_embeddings(types)
@@ -124,7 +119,8 @@ class Bert(nn.Module):
         """tanh(dense(h[:, 0])) — the [CLS] summary used by NSP."""
         return torch.tanh(self.pooler(h_BTD[:, 0]))
 
-    def forward(self, tokens_BT, doc_ids_BT=None, *, labels_BT=None, reduction: str = "mean", **kw) -> torch.Tensor:
+    def forward(self, tokens_BT, doc_ids_BT=None, *, labels_BT: Optional[torch.Tensor] = None,
+                reduction: str = "mean", **kw) -> torch.Tensor:
         if labels_BT is not None:
             return self.loss(tokens_BT, labels_BT, doc_ids_BT, reduction=reduction, **kw)
         return self.mlm_head(self.hidden_states(tokens_BT, doc_ids_BT, **kw)).float()
@@ -134,13 +130,13 @@ class Bert(nn.Module):
             raise ValueError("this BERT model was built without an NSP head (nsp_head=True)")
         return self.nsp_head(self.pooled(self.hidden_states(tokens_BT, **kw))).float()
 
-    def loss(self, tokens_BT, labels_BT, doc_ids_BT=None, ignore_index: int = -100, reduction: str = "mean",
+    def loss(self, tokens_BT, labels_BT, doc_ids_BT=None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
              **kw) -> torch.Tensor:
-        """Masked-LM loss: mean cross-entropy over positions whose label != ignore_index (no shift)."""
+        """Masked-LM loss over positions whose label != ignore_index (module docstring); 0 when there are none."""
         h_ND = self.mlm_head.transform(self.hidden_states(tokens_BT, doc_ids_BT, **kw)).flatten(0, 1)
         labels_N = labels_BT.flatten()
         keep = labels_N != ignore_index  # only masked positions need the vocab projection
         logits_NV = torch.nn.functional.linear(h_ND[keep], self.mlm_head.decoder.weight, self.mlm_head.decoder.bias)
         if keep.sum() == 0:
             return logits_NV.sum() * 0.0
-        return torch.nn.functional.cross_entropy(logits_NV.float(), labels_N[keep], reduction=reduction)
+        return cross_entropy(logits_NV, labels_N[keep], reduction=reduction)

@@ -54,9 +54,11 @@ def init_generator(seed: Optional[int]) -> Optional[torch.Generator]:
 class KVCache:
     """Per-layer key/value buffers for incremental decoding.
 
-    ``k[i]``/``v[i]``: [B, K, S_max, Dh], allocated lazily at the first write (dtype follows the keys, so
-    bf16 autocast gives a bf16 cache). ``valid_BS`` marks real (non-padding) slots; ``pos`` is the number
-    of slots filled so far.
+    The interface every cache implements (a paged serving cache included): the model calls
+    ``begin(T, pad_mask_BT)`` before a forward of T new tokens, ``attn_mask(T)`` for its mask and ``advance(T)``
+    after it; each attention layer calls ``update(layer, k, v)``; ``pos`` is the number of slots filled.
+    Here ``k[i]``/``v[i]`` are [B, K, S_max, Dh], allocated lazily at the first write (dtype follows the keys,
+    so bf16 autocast gives a bf16 cache), and ``valid_BS`` marks real (non-padding) slots.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_layers: int, device: torch.device | str = "cpu"):
@@ -109,22 +111,22 @@ class KVCache:
         return mask_BTS[:, None]
 
 
-def doc_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask [B, 1, T, T]: a token attends to earlier tokens of its own document."""
-    T = doc_ids_BT.shape[1]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
-    same_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
-    return (same_BTT & causal_TT)[:, None]
-
-
-def pad_causal_mask(pad_mask_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal mask [B, 1, T, T] that also hides padding keys (True = real token) and, if given, other
-    documents; every query still sees itself so padding rows stay finite."""
-    T = pad_mask_BT.shape[1]
-    mask = doc_causal_mask(doc_ids_BT) if doc_ids_BT is not None else \
-        torch.ones(T, T, dtype=torch.bool, device=pad_mask_BT.device).tril()[None, None]
-    eye = torch.eye(T, dtype=torch.bool, device=pad_mask_BT.device)
-    return (mask & pad_mask_BT.to(torch.bool)[:, None, None, :]) | eye
+def attention_mask(T: int, pad_mask_BT: Optional[torch.Tensor] = None, doc_ids_BT: Optional[torch.Tensor] = None,
+                   causal: bool = True) -> Optional[torch.Tensor]:
+    """Boolean [B, 1, T, T] (True = may attend), or None when neither padding nor documents are given:
+    keep[b, i, j] = (j ≤ i if causal) ∧ (doc[b, i] = doc[b, j]) ∧ pad[b, j], then ∨ (i = j) so that every
+    query sees itself and padding rows stay finite."""
+    if pad_mask_BT is None and doc_ids_BT is None:
+        return None
+    dev = (pad_mask_BT if pad_mask_BT is not None else doc_ids_BT).device
+    keep = torch.ones(1, 1, T, T, dtype=torch.bool, device=dev)
+    if causal:
+        keep = keep.tril()
+    if doc_ids_BT is not None:
+        keep = keep & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])[:, None]
+    if pad_mask_BT is not None:
+        keep = keep & pad_mask_BT.to(torch.bool)[:, None, None, :]
+    return keep | torch.eye(T, dtype=torch.bool, device=dev)
 
 
 def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: Optional[torch.Tensor],
@@ -140,6 +142,35 @@ def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, 
         return probs_attention(q_BHTD, k_BKSD, v_BKSD, mask, causal)
     return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal and mask is None)
+
+
+class SelfAttention(nn.Module):
+    """The tail every attention shares: KV-cache write, (masked) attention, output projection ``wo``.
+    Subclasses own the projections ``wq``/``wk``/``wv``/``wo`` and set ``head_dim`` and ``dropout``."""
+
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, H, Dh], k and v [B, T, K, Dh]; a projection may be swapped (LoRA, TP): sizes come from
+        its output."""
+        B, T, _ = x_BTD.shape
+        return tuple(lin(x_BTD).view(B, T, -1, self.head_dim) for lin in (self.wq, self.wk, self.wv))
+
+    def attend(self, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, mask: Optional[torch.Tensor],
+               cache: Optional[KVCache], layer_idx: int, causal: bool = True) -> torch.Tensor:
+        B, _, T, _ = q_BHTD.shape
+        if cache is not None:
+            k_BKTD, v_BKTD = cache.update(layer_idx, k_BKTD, v_BKTD)
+            causal = mask is None and T > 1
+        out_BHTD = attention(q_BHTD, k_BKTD, v_BKTD, mask, causal, self.dropout if self.training else 0.0)
+        return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameters (tied ones once); ``exclude_embeddings`` leaves out every nn.Embedding table (tokens,
+    positions, token types) and so a head tied to one."""
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    return n
 
 
 def linear_weights(module: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Llama-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional tied embeddings.
+"""Llama-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional tied embeddings. The body
+(embeddings → blocks → norm → head, masks, cache, loss, init order) is ``decoder.Decoder``.
 
 Module names follow torchtitan (tok_embeddings, layers.N.attention.wq, ..., norm, output). RoPE uses the
 "rotate half" layout (as in HF transformers), so HF Llama checkpoints load without permuting wq/wk.
@@ -9,7 +10,6 @@ V vocab.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.common import (KVCache, attention, doc_causal_mask, ffn_hidden_default, fill_const_,
-                                   fill_normal_, init_generator, linear_weights, pad_causal_mask)
+from lmforge.models.common import KVCache, SelfAttention, ffn_hidden_default
+from lmforge.models.decoder import Decoder, PreNormBlock
 from lmforge.models.kernels import rms_norm, rope
-from lmforge.models.losses import cross_entropy, fused_head_ok, linear_cross_entropy
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +30,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
     return torch.cat([cos, cos], -1).float(), torch.cat([-sin, sin], -1).float()
 
 
-class Attention(nn.Module):
+class Attention(SelfAttention):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -45,20 +44,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, layer_idx: int = 0) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        # a wq/wk/wv module may be swapped (LoRA, TP); use their outputs' real sizes
-        q_BTHD = self.wq(x_BTD).view(B, T, -1, self.head_dim)
-        k_BTKD = self.wk(x_BTD).view(B, T, -1, self.head_dim)
-        v_BTKD = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTD)
         q_BHTD = rope(q_BTHD, cos, sin).transpose(1, 2)
         k_BKTD = rope(k_BTKD, cos, sin).transpose(1, 2)
-        v_BKTD = v_BTKD.transpose(1, 2)
-        causal = True
-        if cache is not None:
-            k_BKTD, v_BKTD = cache.update(layer_idx, k_BKTD, v_BKTD)
-            causal = mask is None and T > 1
-        out_BHTD = attention(q_BHTD, k_BKTD, v_BKTD, mask, causal, self.dropout if self.training else 0.0)
-        return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+        return self.attend(q_BHTD, k_BKTD, v_BTKD.transpose(1, 2), mask, cache, layer_idx)
 
 
 class FeedForward(nn.Module):
@@ -85,136 +74,48 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, out_dtype)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
+    """``forward(x_BTD, cos, sin, mask=None, cache=None)``."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(layer_idx, cfg.dropout)
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden or ffn_hidden_default(cfg.d_model))
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.resid_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x_BTD, cos, sin, mask=None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        h = self.attention(self.attention_norm(x_BTD), cos, sin, mask, cache, self.layer_idx)
-        x_BTD = x_BTD + self.resid_dropout(h)
-        return x_BTD + self.resid_dropout(self.feed_forward(self.ffn_norm(x_BTD)))
+    def init_plan(self, std: float, out_std: float) -> list[tuple[nn.Linear, float]]:
+        a, f = self.attention, self.feed_forward
+        return [(a.wq, std), (a.wk, std), (a.wv, std), (a.wo, out_std), (f.w1, std), (f.w3, std), (f.w2, out_std)]
 
 
-class Llama(nn.Module):
-    """Decoder-only LM. ``forward(tokens_BT, doc_ids_BT=None) -> logits_BTV`` (float)."""
+class Llama(Decoder):
+    """Decoder-only LM with rotary positions (tables ``rope_cos`` / ``rope_sin``, not saved)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set")
-        self.cfg = cfg
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.emb_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        super().__init__(cfg, TransformerBlock, lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
+
+    def _build_positions(self) -> None:
+        self.head_dim = self.cfg.d_model // self.cfg.n_heads
+        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    # ------------------------------------------------------------------ init / bookkeeping
-    @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
-        """Deterministic for a seed, independent of device and sharding. Works after meta + ``to_empty``."""
-        cfg = self.cfg
-        if cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight  # to_empty() can break the tie
-        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    def _init_positions(self, std: float, gen: Optional[torch.Generator]) -> None:
+        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos = cos.to(self.rope_cos.device)
         self.rope_sin = sin.to(self.rope_sin.device)
-        gen = init_generator(seed)
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        fill_normal_(self.tok_embeddings.weight, std, gen)
-        for layer in self.layers:
-            a, f = layer.attention, layer.feed_forward
-            for lin, s in ((a.wq, std), (a.wk, std), (a.wv, std), (a.wo, out_std),
-                           (f.w1, std), (f.w3, std), (f.w2, out_std)):
-                fill_normal_(lin.weight, s, gen)
-            fill_const_(layer.attention_norm.weight, 1.0)
-            fill_const_(layer.ffn_norm.weight, 1.0)
-        fill_const_(self.norm.weight, 1.0)
-        if not cfg.tie_embeddings:
-            fill_normal_(self.output.weight, std, gen)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights counted once
-        if exclude_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training (fwd+bwd) FLOPs per token: 6·(matmul weights, output head included) + 12·L·H·Dh·T."""
-        cfg = self.cfg
-        return 6.0 * linear_weights(self) + 12.0 * cfg.n_layers * cfg.n_heads * self.head_dim * seq_len
-
-    def new_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
-        device = device if device is not None else self.tok_embeddings.weight.device
-        return KVCache(batch_size, max_len, self.cfg.n_layers, device)
-
-    # ------------------------------------------------------------------ forward
-    def _rope(self, T: int, positions_BT: Optional[torch.Tensor], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, tokens_BT: torch.Tensor, positions_BT: Optional[torch.Tensor], start: int
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Token embeddings and the RoPE tables of the positions: cos, sin [T, 1, Dh] or [B, T, 1, Dh]."""
+        T = tokens_BT.shape[1]
+        self._check_positions(positions_BT, start, T)
         if positions_BT is not None:
-            top = int(positions_BT.max()) + 1
-            if top > self.rope_cos.shape[0]:
-                raise ValueError(f"position {top - 1} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            return self.rope_cos[positions_BT][:, :, None], self.rope_sin[positions_BT][:, :, None]
-        if start + T > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        return self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
-
-    def hidden_states(self, tokens_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None, *,
-                      cache: Optional[KVCache] = None, positions_BT: Optional[torch.Tensor] = None,
-                      pad_mask_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D]. With ``cache``: incremental decoding (positions default to
-        the cache offset; ``pad_mask_BT`` marks real tokens for left-padded batches)."""
-        B, T = tokens_BT.shape
-        mask = None
-        start = 0
-        if cache is not None:
-            if doc_ids_BT is not None:
-                raise ValueError("doc_ids_BT cannot be combined with a KV cache")
-            start = cache.pos
-            cache.begin(T, pad_mask_BT)
-            mask = cache.attn_mask(T)
-        elif doc_ids_BT is not None:
-            if doc_ids_BT.shape != tokens_BT.shape:
-                raise ValueError(f"doc_ids_BT shape {tuple(doc_ids_BT.shape)} != tokens shape {(B, T)}")
-            mask = doc_causal_mask(doc_ids_BT)
-        if cache is None and pad_mask_BT is not None:
-            mask = pad_causal_mask(pad_mask_BT, doc_ids_BT)
-        cos, sin = self._rope(T, positions_BT, start)
+            cos, sin = self.rope_cos[positions_BT][:, :, None], self.rope_sin[positions_BT][:, :, None]
+        else:
+            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
         dev = tokens_BT.device.type
         if torch.is_autocast_enabled(dev):
             cos, sin = cos.to(torch.get_autocast_dtype(dev)), sin.to(torch.get_autocast_dtype(dev))
-        x_BTD = self.emb_dropout(self.tok_embeddings(tokens_BT))
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        return self.norm(x_BTD)
-
-    def forward(self, tokens_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None, *, labels_BT=None,
-                reduction: str = "mean", **kw) -> torch.Tensor:
-        if labels_BT is not None:
-            return self.loss(tokens_BT, labels_BT, doc_ids_BT, reduction=reduction)
-        h_BTD = self.hidden_states(tokens_BT, doc_ids_BT, **kw)
-        return self.output(h_BTD).float()
-
-    def loss(self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, doc_ids_BT: Optional[torch.Tensor] = None,
-             ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy (labels already shifted), "mean" over valid labels or "sum". Equals
-        ``F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten())`` without materialising all logits."""
-        h_BTD = self.hidden_states(tokens_BT, doc_ids_BT)
-        if not fused_head_ok(self.output):  # swapped or sharded head: plain path
-            return cross_entropy(self.output(h_BTD).flatten(0, 1), labels_BT.flatten(), ignore_index, reduction)
-        return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, labels_BT.flatten(), ignore_index,
-                                    reduction=reduction)
+        return self.emb_dropout(self.tok_embeddings(tokens_BT)), (cos, sin)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # labels with this value are not targets (padding, prompt tokens, unmasked MLM positions)
+IGNORE_INDEX = -100  # label of a position that takes no loss (PyTorch's cross_entropy default); the only copy
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -61,7 +61,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = 512, reduction: str = "mean") -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk_size: int = 512,
+                         reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``h @ weight.T`` against ``labels`` over rows whose label != ignore_index;
     ``reduction`` "mean" (over those rows) or "sum".
 
@@ -69,8 +70,7 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: 
     if h_ND.dim() != 2 or labels_N.dim() != 1 or h_ND.shape[0] != labels_N.shape[0]:
         raise ValueError(f"linear_cross_entropy: expected h [N, D] and labels [N], got {tuple(h_ND.shape)} "
                          f"and {tuple(labels_N.shape)}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction("linear_cross_entropy", reduction)
     dev = h_ND.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     if compute_dtype is None and h_ND.dtype != weight_VD.dtype:
@@ -80,10 +80,16 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: 
                                          reduction)
 
 
-def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = -100,
+def cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                   reduction: str = "mean") -> torch.Tensor:
     """Reference path: float32 cross-entropy on materialised logits."""
+    _check_reduction("cross_entropy", reduction)
     return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{fn}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 def fused_head_ok(head: torch.nn.Module) -> bool:
