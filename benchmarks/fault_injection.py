@@ -34,28 +34,26 @@ def _start(cfg_path: Path, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _final(run: Path):
-    import torch
-    from safetensors.torch import load_file
+def _final(run: Path) -> dict:
+    """Everything the run's newest valid checkpoint holds (any format), as full tensors by name."""
+    from lmforge.checkpoint import read_state, resolve_source
 
-    from lmforge.training import checkpoint as ckpt
-
-    path = ckpt.find_latest(run)
-    return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", weights_only=False), path.name
+    path = resolve_source(run)
+    return {**read_state(path), "name": path.name}
 
 
-def _equal(a, b) -> bool:
+def _equal(a: dict, b: dict) -> bool:
     import torch
 
-    wa, sa, na = a
-    wb, sb, nb = b
-    if na != nb or wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+        return x == y
+
+    tensors = [(a[p], b[p]) for p in ("model", "optim")]
+    if a["name"] != b["name"] or any(x.keys() != y.keys() or not all(same(x[k], y[k]) for k in x) for x, y in tensors):
         return False
-    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
-    if oa.keys() != ob.keys():
-        return False
-    same_opt = all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
-    return same_opt and sa["scheduler"] == sb["scheduler"] and sa["loader"] == sb["loader"]
+    return a["shared"]["scheduler"] == b["shared"]["scheduler"] and a["rank0"]["loader"] == b["rank0"]["loader"]
 
 
 def _wait_started(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:

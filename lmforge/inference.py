@@ -21,21 +21,20 @@ def find_tokenizer(run: Path, data_path: Optional[str]):
 
 
 def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "cpu"):
-    """→ (model in eval mode, tokenizer, config, checkpoint folder used)."""
+    """→ (model in eval mode, tokenizer, config, checkpoint used): ``checkpoint`` when given, else the run's
+    newest checkpoint that verifies (``lmforge.checkpoint.resolve_source``)."""
+    from lmforge.checkpoint import load_model_weights, resolve_source
     from lmforge.models import build_model
-    from lmforge.training.checkpoint import find_latest, load_model_weights
 
     run = Path(run_dir)
     if not (run / "config.yaml").exists():
         raise ConfigError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(run / "config.yaml")
-    ckpt = Path(checkpoint) if checkpoint else find_latest(run)
-    if ckpt is None:
-        raise ConfigError(f"no complete checkpoint in {run / 'checkpoints'}")
+    ckpt = resolve_source(run, checkpoint)
     model = build_model(cfg.model, device="meta")
     model.to_empty(device=device)
     model.init_weights(0)  # buffers (e.g. RoPE tables); parameters are overwritten below
-    load_model_weights(ckpt, model)
+    load_model_weights(model, ckpt)
     model.eval()
     return model, find_tokenizer(run, cfg.data.path), cfg, ckpt
 

@@ -16,7 +16,7 @@ def _cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"checkpoint consolidate: unexpected arguments {' '.join(extra)}")
-    from lmforge.distributed.checkpoint import consolidate
+    from lmforge.checkpoint import consolidate
 
     out = consolidate(args.checkpoint, args.out)  # CheckpointError / FileNotFoundError: lmforge.cli reports them
     print(f"wrote {out}")
@@ -31,6 +31,7 @@ def add_distributed_commands(subparsers) -> None:
     c = subparsers.add_parser("checkpoint", help="checkpoint tools (consolidate a sharded checkpoint)")
     csub = c.add_subparsers(dest="checkpoint_command", metavar="CHECKPOINT_COMMAND", required=True)
     k = csub.add_parser("consolidate", help="merge a sharded checkpoint's weights into one safetensors file")
-    k.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX)")
+    k.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX) of any format, or a run folder (its newest "
+                   "checkpoint that verifies)")
     k.add_argument("--out", required=True, help="output .safetensors file")
     k.set_defaults(func=_cmd_consolidate)

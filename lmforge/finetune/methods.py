@@ -246,7 +246,7 @@ def save_model(model: nn.Module, file: str | Path, metadata: Optional[dict] = No
     """Every tensor of the (merged) model as one safetensors file (tied tensors stored once)."""
     from safetensors.torch import save_file
 
-    from lmforge.training.checkpoint import model_state
+    from lmforge.checkpoint import model_state
 
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -175,12 +175,13 @@ def _hf_tokenizer(folder: Path):
 def load_base(path: str | Path, tokenizer: Optional[str] = None) -> tuple[nn.Module, object, dict]:
     """→ (backbone, tokenizer, info). ``path``: an lmforge run folder or one of its checkpoint folders, or
     a Hugging Face model folder (config.json + weights)."""
+    from lmforge.checkpoint.folder import is_checkpoint
     from lmforge.data.tokenizer import load_tokenizer
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"base.path: {p} does not exist")
-    if (p / "COMPLETE").is_file() and p.parent.name == "checkpoints":
+    if is_checkpoint(p) and p.parent.name == "checkpoints":
         run, ckpt = p.parent.parent, p
     else:
         run, ckpt = p, None

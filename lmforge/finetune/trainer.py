@@ -130,14 +130,14 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
     lm = model.backbone.model
     if base_info["kind"] == "lmforge":
         from lmforge.config import load_config, save_config
-        from lmforge.training.checkpoint import save_checkpoint
+        from lmforge.checkpoint import CheckpointManager, DictState
 
         out = run_dir / "sft_run"
         base_cfg = load_config(Path(base_info["run"]) / "config.yaml", [f"--run_dir={out}"])
         out.mkdir(parents=True, exist_ok=True)
         save_config(base_cfg, out / "config.yaml")
         tok.save(out / "tokenizer.json")
-        save_checkpoint(out, max(step, 1), lm, state={"finetune_run": str(run_dir)})
+        CheckpointManager(out, model=lm, shared={"finetune": DictState({"run": str(run_dir)})}).save(max(step, 1))
         return out
     from lmforge.models.hf import save_hf
 
