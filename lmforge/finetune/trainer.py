@@ -237,18 +237,15 @@ class FinetuneRun:
     def _manager(self, shared: dict):
         """The checkpoint manager: only the trainable tensors (and AdaLoRA's rank buffers) of a peft method
         (the base is reloaded from ``base.path``), every tensor for method=full."""
-        cc, eng, pdims = self.cfg.checkpoint, self.engine, self.pdims
-        keep = None if self.cfg.method.name == "full" else set(adapter_tensors(self.applied))
-        kw = dict(model=eng.model, optimizer=eng.optimizer, shared=shared, pdims=pdims, keep_last=cc.keep_last,
-                  keep_best=cc.keep_best, best_metric=cc.best_metric, best_mode=cc.best_mode)
-        try:
-            from lmforge.checkpoint import CheckpointManager, RNGState
-        except ImportError:  # TEMPORARY until lmforge.checkpoint is merged: the bridge saves every model tensor
-            from lmforge.training._ckpt_bridge import RNG, BridgeManager
+        from lmforge.checkpoint import CheckpointManager, RNGState
 
-            return BridgeManager(self.run_dir, per_rank={"rng": RNG(), "loader": self.batches}, **kw)
-        return CheckpointManager(self.run_dir, per_rank={"rng": RNGState(), "loader": self.batches},
-                                 model_filter=None if keep is None else (lambda name, _t: name in keep), **kw)
+        cc, eng = self.cfg.checkpoint, self.engine
+        keep = None if self.cfg.method.name == "full" else set(adapter_tensors(self.applied))
+        return CheckpointManager(self.run_dir, model=eng.model, optimizer=eng.optimizer, shared=shared,
+                                 per_rank={"rng": RNGState(), "loader": self.batches}, pdims=self.pdims,
+                                 keep_last=cc.keep_last, keep_best=cc.keep_best, best_metric=cc.best_metric,
+                                 best_mode=cc.best_mode,
+                                 model_filter=None if keep is None else (lambda name, _t: name in keep))
 
     def open_log(self, resume_step: int):
         from lmforge.training.metrics import MetricsLogger
