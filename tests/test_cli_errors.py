@@ -35,7 +35,7 @@ def files(tmp_path_factory):
     from lmforge.config import Config, DataConfig, ModelConfig, save_config
     from lmforge.data.tokenizer import train_tokenizer
     from lmforge.models import build_model
-    from lmforge.training.checkpoint import save_checkpoint
+    from lmforge.checkpoint import CheckpointManager
 
     d = tmp_path_factory.mktemp("cli")
     (d / "bad_syntax.yaml").write_text("model:\n  d_model: 64\n   n_layers: [1\n")
@@ -52,7 +52,7 @@ def files(tmp_path_factory):
     tok.save(run / "tokenizer.json")
     mc = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
     save_config(Config(run_dir=str(run), model=mc, data=DataConfig(path=None)), run / "config.yaml")
-    save_checkpoint(run, 1, build_model(mc, seed=0), state={})
+    CheckpointManager(run, model=build_model(mc, seed=0)).save(1)
     rows = ["sentence\tlabel"] + [f"{t}\t{int('great' in t)}" for t in texts[:60]]
     (d / "train.tsv").write_text("\n".join(rows) + "\n")
     (d / "dev_bad_label.tsv").write_text("sentence\tlabel\nthe film\t7\n")
@@ -129,7 +129,7 @@ CASES = [
     ("evaluate-no-run", lambda d: ["evaluate", "--run", d / "nope", "--data", d / "train.tsv"],
      "is not a finished fine-tuning run"),
     ("consolidate-missing", lambda d: ["checkpoint", "consolidate", d / "nope", "--out", d / "c.safetensors"],
-     "not a complete lmforge checkpoint"),
+     "nope: does not exist"),
     ("hf-check-missing", lambda d: ["hf", "check", d / "nope"], "no config.json"),
     ("hf-check-bad-json", lambda d: ["hf", "check", d / "hf_bad"], "config.json:1: not valid JSON"),
     ("hf-export-nonempty", lambda d: ["hf", "export", d / "run", d / "nonempty"], "exists and is not empty"),

@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory):
     """An lmforge run folder: config.yaml, tokenizer.json, one complete checkpoint of a random tiny Llama."""
     from lmforge.data.tokenizer import train_tokenizer
     from lmforge.models import build_model
-    from lmforge.training.checkpoint import save_checkpoint
+    from lmforge.checkpoint import CheckpointManager
 
     root = tmp_path_factory.mktemp("base")
     rng = random.Random(0)
@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory):
     tok.save(root / "tokenizer.json")
     mc = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=96)
     save_config(Config(run_dir=str(root), model=mc, data=DataConfig(path=None)), root / "config.yaml")
-    save_checkpoint(root, 1, build_model(mc, seed=0), state={})
+    CheckpointManager(root, model=build_model(mc, seed=0)).save(1)
     return root
 
 

@@ -9,7 +9,7 @@ from lmforge.config import build_config, save_config  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.models.hf.convert import main  # noqa: E402
-from lmforge.training.checkpoint import save_checkpoint  # noqa: E402
+from lmforge.checkpoint import CheckpointManager  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -23,7 +23,7 @@ def make_run(tmp_path):
     cfg = build_config({"run_dir": str(run), "model": {"preset": "tiny", "vocab_size": tok.vocab_size}})
     save_config(cfg, run / "config.yaml")
     model = build_model(cfg.model, seed=1)
-    save_checkpoint(run, 1, model, state={})
+    CheckpointManager(run, model=model).save(1)
     return run, model, tok
 
 

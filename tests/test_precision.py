@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
 
-from lmforge.training import checkpoint as ckpt  # noqa: E402
+from lmforge import checkpoint as ckpt  # noqa: E402
 from lmforge.training.precision import DynamicLossScaler  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
@@ -95,7 +95,7 @@ def test_fp16_overflow_steps_are_skipped_and_scale_backs_off(tmp_path, data_dir)
     scales = [r["loss_scale"] for r in recs]
     assert scales[0] < 2.0 ** 40 and scales == sorted(scales, reverse=True) and scales[-1] >= 1.0
     assert recs[-1]["loss"] < recs[summary["skipped_steps"]]["loss"]  # it trains once the scale fits
-    _, st = ckpt.load_latest(tmp_path / "run", _fresh_model(cfg))
+    st = ckpt.read_state(ckpt.newest_valid(tmp_path / "run"))["shared"]
     assert st["scaler"]["overflows"] == summary["skipped_steps"]
     from safetensors.torch import load_file
 
@@ -139,8 +139,7 @@ def test_bf16_params_with_fp32_master_weights(tmp_path, data_dir):
     wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("m", "f"))
     assert all(v.dtype == torch.bfloat16 for v in wa.values())
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # master weights restored on resume: bitwise equal
-    sa = torch.load(ckpt.find_latest(tmp_path / "m") / "state.pt", weights_only=False)
-    master = sa["master"]
+    master = ckpt.read_state(ckpt.newest_valid(tmp_path / "m"))["shared"]["master"]
     assert all(v.dtype == torch.float32 for k, v in master.items() if "rope" not in k)
     # bf16 weights are the rounded masters; the masters hold updates too small for bf16
     emb = master["tok_embeddings.weight"]
@@ -153,7 +152,7 @@ def test_pure_bf16_without_master(tmp_path, data_dir):
                                                         "max_steps": 3, "eval_every": 0})
     summary = train(cfg)
     assert summary["stop_reason"] == "max_steps"
-    st = torch.load(ckpt.find_latest(tmp_path / "p") / "state.pt", weights_only=False)
-    assert st["master"] is None
-    exp_avg = next(iter(st["optimizer"]["state"].values()))["exp_avg"]
+    st = ckpt.read_state(ckpt.newest_valid(tmp_path / "p"))
+    assert st["shared"].get("master") is None  # no master weights saved
+    exp_avg = next(v for k, v in st["optim"].items() if k.endswith(".exp_avg"))
     assert exp_avg.dtype == torch.bfloat16

@@ -14,7 +14,7 @@ from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
 
 from lmforge.config import build_config  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
-from lmforge.training import checkpoint as ckpt  # noqa: E402
+from lmforge import checkpoint as ckpt  # noqa: E402
 from lmforge.training.engine import NativeEngine, accumulate_gradients  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
@@ -64,12 +64,9 @@ def test_grad_accumulation_matches_full_batch_with_uneven_ignored_labels():
 
 
 def _final_state(run_dir: Path):
-    path = ckpt.find_latest(run_dir)
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=False)
-    return path, weights, state
+    path = ckpt.newest_valid(run_dir)
+    state = ckpt.read_state(path)
+    return path, state["model"], {**state["shared"], **state["rank0"], "optimizer": state["optim"]}
 
 
 def _assert_bitwise_equal(a_dir: Path, b_dir: Path):
@@ -79,11 +76,11 @@ def _assert_bitwise_equal(a_dir: Path, b_dir: Path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
-    assert oa.keys() == ob.keys() and len(oa) > 0
-    for i in oa:
-        for k in oa[i]:
-            assert torch.equal(oa[i][k], ob[i][k]), (i, k)
+    oa, ob = sa["optimizer"], sb["optimizer"]  # flattened: state.<param>.<key> / param_groups.<param>.<key>
+    assert oa.keys() == ob.keys() and any(k.startswith("state.") for k in oa)
+    for k in oa:
+        same = torch.equal(oa[k], ob[k]) if isinstance(oa[k], torch.Tensor) else oa[k] == ob[k]
+        assert same, k
     assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
     assert sa["loader"] == sb["loader"]
 
@@ -95,7 +92,7 @@ def test_bitwise_resume_with_dropout(tmp_path, data_dir):
     part = tiny_cfg(tmp_path / "part", data_dir, model={"dropout": 0.1}, training={"stop_at_step": 3})
     s_part = train(part)
     assert s_part["stop_reason"] == "stop_at_step" and s_part["steps"] == 3
-    assert ckpt.find_latest(tmp_path / "part").name == "step_0000003"
+    assert ckpt.newest_valid(tmp_path / "part").name == "step_0000003"
     assert "stop_at_step: null" in (tmp_path / "part" / "config.yaml").read_text()  # per-invocation only
     resumed = tiny_cfg(tmp_path / "part", data_dir, model={"dropout": 0.1}, checkpoint={"resume": "auto"})
     s_res = train(resumed)
@@ -127,13 +124,13 @@ def test_run_folder_metrics_and_resolved_config(tmp_path, data_dir):
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "vocab_size: 300" in html
     # keep_last pruning: every_steps=2 with keep_last=10 keeps all three
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000002", "step_0000004", "step_0000006"]
+    assert [p.name for p in ckpt.complete_folders(run)] == ["step_0000002", "step_0000004", "step_0000006"]
     assert (run / "model.safetensors").is_file()
 
 
 def test_keep_last_prunes(tmp_path, data_dir):
     train(tiny_cfg(tmp_path / "run", data_dir, checkpoint={"every_steps": 1, "keep_last": 2}))
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_0000005", "step_0000006"]
+    assert [p.name for p in ckpt.complete_folders(tmp_path / "run")] == ["step_0000005", "step_0000006"]
 
 
 def test_non_finite_guard_skips_then_stops(tmp_path, data_dir, monkeypatch):
@@ -164,7 +161,7 @@ def test_early_stopping(tmp_path, data_dir):
                              "early_stop_patience": 2, "early_stop_min_delta": 0.5})
     summary = train(cfg)
     assert summary["stop_reason"] == "early_stop" and summary["steps"] == 3
-    assert ckpt.find_latest(tmp_path / "run").name == "step_0000003"
+    assert ckpt.newest_valid(tmp_path / "run").name == "step_0000003"
 
 
 def test_bad_config_errors(tmp_path, data_dir):

@@ -173,19 +173,19 @@ def test_resume_zero3_as_ddp_and_on_four_ranks(setup, world2, world4):
 
 
 def test_resume_two_ranks_on_one_then_inference_and_consolidate(setup, world2, tmp_path):
+    from lmforge import checkpoint as ckpt
+    from lmforge.checkpoint import consolidate
     from lmforge.config import load_config
-    from lmforge.distributed.checkpoint import consolidate
     from lmforge.models import build_model
-    from lmforge.training import checkpoint as ckpt
     from lmforge.training.trainer import train
 
     root, data, refs = setup
     src = world2[0] / "zero3_part"
-    dcp_ckpt = ckpt.find_latest(src)
+    dcp_ckpt = ckpt.newest_valid(src)
     assert ckpt.read_manifest(dcp_ckpt)["format"] == "dcp" and ckpt.read_manifest(dcp_ckpt)["world_size"] == 2
     # weights-only loading (what `lmforge generate` uses) and consolidation agree with the run's export
     model = build_model(load_config(src / "config.yaml").model)
-    ckpt.load_model_weights(dcp_ckpt, model)
+    ckpt.load_model_weights(model, dcp_ckpt)
     flat = consolidate(dcp_ckpt, tmp_path / "merged.safetensors")
     from safetensors.torch import load_file
 
@@ -198,21 +198,22 @@ def test_resume_two_ranks_on_one_then_inference_and_consolidate(setup, world2, t
     summary = train(run_cfg(run, data["clm"], checkpoint={"resume": "auto"}))
     assert summary["resumed_from"].endswith(f"step_{SPLIT:07d}") and summary["steps"] == STEPS
     _assert_run_matches(refs["tied"], run, steps=range(SPLIT + 1, STEPS + 1))
-    assert ckpt.read_manifest(ckpt.find_latest(run)).get("format") is None  # single-process format again
+    manifest = ckpt.read_manifest(ckpt.newest_valid(run))
+    assert (manifest["format"], manifest["world_size"]) == ("dcp", 1)  # the one format at every world size
 
 
 def test_corrupted_sharded_checkpoint_is_rejected(world2, tmp_path):
+    from lmforge import checkpoint as ckpt
     from lmforge.config import load_config
     from lmforge.models import build_model
-    from lmforge.training import checkpoint as ckpt
 
     run = tmp_path / "run"
     shutil.copytree(world2[0] / "zero3", run)
-    path = ckpt.find_latest(run)
+    path = ckpt.newest_valid(run)
     victim = sorted(path.glob("__*.distcp"))[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     model = build_model(load_config(run / "config.yaml").model)
     with pytest.raises(ckpt.CheckpointError, match="sha256"):
-        ckpt.load_model_weights(path, model)
+        ckpt.load_model_weights(model, path)

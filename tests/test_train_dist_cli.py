@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_cli_nproc_two_trains_checkpoints_and_generates(tmp_path, data_dir):
-    from lmforge.training import checkpoint as ckpt
+    from lmforge import checkpoint as ckpt
 
     cfg = run_cfg(tmp_path / "run", data_dir, {"strategy": "zero3"}, 1, dp=2, checkpoint={"every_steps": 2})
     save_config(cfg, tmp_path / "cfg.yaml")
@@ -31,7 +31,7 @@ def test_cli_nproc_two_trains_checkpoints_and_generates(tmp_path, data_dir):
     proc = popen(["-m", "lmforge", "train", "--nproc", "2", "--config", str(tmp_path / "cfg.yaml")], log)
     assert finish(proc, 180, log) == 0, log.read_text()[-3000:]
     run = tmp_path / "run"
-    names = [p.name for p in ckpt.list_checkpoints(run)]
+    names = [p.name for p in ckpt.complete_folders(run)]
     assert names == ["step_0000002", "step_0000004", "step_0000005"]
     man = ckpt.read_manifest(run / "checkpoints" / names[-1])
     assert man["format"] == "dcp" and man["world_size"] == 2 and man["strategy"] == "zero3"

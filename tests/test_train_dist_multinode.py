@@ -18,7 +18,7 @@ from lmforge.config import save_config  # noqa: E402
 
 
 def test_two_node_rendezvous_trains_and_checkpoints(tmp_path):
-    from lmforge.training import checkpoint as ckpt
+    from lmforge import checkpoint as ckpt
     from lmforge.training.trainer import train
 
     data = pack_tiny(tmp_path / "data")
@@ -35,8 +35,8 @@ def test_two_node_rendezvous_trains_and_checkpoints(tmp_path):
     codes = [finish(p, 180, log) for p, log in procs]
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for _, log in procs)
     run = tmp_path / "run"
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000003", "step_0000005"]
-    man = ckpt.read_manifest(ckpt.find_latest(run))
+    assert [p.name for p in ckpt.complete_folders(run)] == ["step_0000003", "step_0000005"]
+    man = ckpt.read_manifest(ckpt.newest_valid(run))
     assert man["world_size"] == 2 and man["dims"]["dp_shard"] == 2
     ref = tmp_path / "ref"
     train(run_cfg(ref, data))

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
 
 from lmforge.config import save_config  # noqa: E402
-from lmforge.training import checkpoint as ckpt  # noqa: E402
+from lmforge import checkpoint as ckpt  # noqa: E402
 from lmforge.training.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig, monkeypatch):
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    stopped = ckpt.find_latest(tmp_path / "run")
+    stopped = ckpt.newest_valid(tmp_path / "run")
     step = int(stopped.name.split("_")[1])
     assert 5 <= step < 150, out
     assert f"stopped by {signal.Signals(sig).name}" in out and "--resume auto" in out

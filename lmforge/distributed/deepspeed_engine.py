@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import Config, ConfigError
+from lmforge.errors import CheckpointError
 from lmforge.training.step import schedule_step
 
 INSTALL_HINT = "distributed.engine=deepspeed needs DeepSpeed: pip install 'lmforge[deepspeed]'"
@@ -158,13 +159,13 @@ class DeepSpeedEngine:
         return objective.loss_sum(self.ds, batch, self.device)
 
     def save_checkpoint(self, folder: Path) -> None:
-        """Model + optimizer in DeepSpeed's own layout inside ``folder`` (collective)."""
-        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        """Model, optimizer and schedule in DeepSpeed's own layout inside ``folder`` (collective)."""
+        self.ds.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
 
     def load_checkpoint(self, folder: Path) -> None:
-        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        path, _ = self.ds.load_checkpoint(str(folder), tag="deepspeed")
         if path is None:
-            raise ConfigError(f"{folder}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint of its own in this folder")
 
 
 def train_with_deepspeed(cfg: Config) -> dict:
@@ -213,7 +214,7 @@ def train_with_deepspeed(cfg: Config) -> dict:
 
 def _export(engine, model, deepspeed, ds_cfg: dict, rank: int, run_dir: Path, step: int) -> None:
     """model.safetensors on rank 0 (ZeRO-3 parameters gathered first)."""
-    from lmforge.training.checkpoint import export_safetensors
+    from lmforge.checkpoint import export_safetensors
 
     if ds_cfg["zero_optimization"]["stage"] == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):

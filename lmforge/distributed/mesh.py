@@ -1,6 +1,7 @@
 """Process groups and the named device mesh.
 
-``init_distributed(cfg)`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+``init_distributed(cfg)`` reads the launcher's environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/
+PORT, else Open MPI / MPICH / PMI / Slurm variables: ``launch_env.discover``),
 creates the default process group (gloo on CPU, nccl on CUDA) with a bounded timeout, starts a heartbeat
 watchdog that names a rank that stopped responding, and returns a ``ParallelDims``. Without a launcher it
 returns a world-size-1 ``ParallelDims`` and creates no process group.
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import ConfigError, DistributedConfig
+from lmforge.distributed.launch_env import discover
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -200,23 +202,13 @@ class _Heartbeat:
         os._exit(3)
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
 def init_distributed(cfg, heartbeat_interval_s: float = 1.0) -> ParallelDims:
     """Start (or skip, for world size 1) the process group and build the mesh. ``cfg``: a ``Config``."""
     global _WATCHDOG
     dcfg: DistributedConfig = cfg.distributed
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    launch = discover()  # torchrun, Open MPI, MPICH/PMI or Slurm variables; SetupError names a missing one
+    launch.export()  # torchrun's names (MASTER_ADDR/PORT for env://) for everything that reads them
+    world, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     want = cfg.training.device
     use_cuda = torch.cuda.is_available() and want in ("auto", "cuda")
     if want == "cuda" and not torch.cuda.is_available():
@@ -233,9 +225,6 @@ def init_distributed(cfg, heartbeat_interval_s: float = 1.0) -> ParallelDims:
     global _OWN_GROUP
     if not dist.is_initialized():
         _OWN_GROUP = True
-        for k in ("MASTER_ADDR", "MASTER_PORT"):
-            if k not in os.environ:
-                raise ConfigError(f"WORLD_SIZE={world} but {k} is not set; launch with torchrun")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=dcfg.timeout_s))
     pdims.build_mesh()

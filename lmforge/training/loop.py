@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.training.guards import EarlyStopper, SignalCatcher, SpikeDetector
 
 
@@ -95,6 +97,9 @@ def stop_reason(st: TrainState, lim: Limits, out, early_stop: bool, signal: Opti
 
 def run_loop(job: Job) -> dict:
     st, lim = job.state, job.limits
+    if job.resume not in (None, "", "auto") and not Path(job.resume).exists():
+        raise ConfigError(f"checkpoint.resume={job.resume}: no such checkpoint folder",
+                          hint="give 'auto' (the newest complete checkpoint of the run) or an existing step_* folder")
     resumed = job.checkpoints.load(job.resume)
     log = job.open_log(st.step)
     if resumed:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,66 +13,13 @@ from typing import Optional
 
 import torch
 
-# dense bf16/fp16 tensor-core peak (FLOP/s) by substring of torch.cuda.get_device_name()
-GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
-                 "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "A6000": 155e12, "4090": 165e12,
-                 "V100": 125e12, "T4": 65e12, "B200": 2250e12, "GH200": 989e12}
-
-
-def _cache_file() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
-    return Path(root) / "peak_flops.json"
-
-
-def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    n = 1024 if device.type == "cpu" else 8192
-    g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (bitwise resume)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2.0 * n ** 3 * iters / (time.perf_counter() - t0)
-
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Known GPU table, else a short matmul probe cached per (device, dtype, threads) on this machine.
-    ``LMFORGE_PEAK_FLOPS`` overrides both."""
-    if os.environ.get("LMFORGE_PEAK_FLOPS"):
-        return float(os.environ["LMFORGE_PEAK_FLOPS"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, val in GPU_PEAK_BF16.items():
-            if key in name:
-                return val if dtype != torch.float32 else val / 2  # TF32 is half the bf16 rate
-        ident = name
-    else:
-        import platform
+    """Peak FLOP/s MFU is measured against: ``lmforge.hardware.peak_flops`` (a known GPU's datasheet in
+    bf16/fp16, else the cached matmul probe of that dtype; ``LMFORGE_PEAK_FLOPS`` overrides both)."""
+    from lmforge.hardware.peak import peak_flops as hardware_peak_flops
 
-        ident = f"{platform.processor() or platform.machine()}-threads{torch.get_num_threads()}"
-    key = f"{device.type}:{ident}:{str(dtype).removeprefix('torch.')}"
-    path = _cache_file()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key not in cache:
-        cache[key] = _probe(device, dtype)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return float(cache[key])
+    return hardware_peak_flops(device, dtype)
 
 
 class MetricsLogger:

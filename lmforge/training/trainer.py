@@ -109,22 +109,23 @@ def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: flo
 
 
 def _manager(cfg: Config, pdims, engine, state: TrainState, early, batches, deepspeed: bool):
-    from lmforge.training._ckpt_bridge import RNG, BridgeManager
+    from lmforge.checkpoint import CheckpointManager, RNGState
 
     cc = cfg.checkpoint
-    shared = {"scheduler": engine.scheduler, "trainer": state, "early_stop": early, "scaler": engine.scaler,
-              "master": engine.master}
-    return BridgeManager(cfg.run_dir, model=engine.model, optimizer=engine.optimizer, shared=shared,
-                         per_rank={"rng": RNG(), "loader": batches}, pdims=pdims, keep_last=cc.keep_last,
-                         keep_best=cc.keep_best, best_metric=cc.best_metric, best_mode=cc.best_mode,
-                         engine=engine if deepspeed else None)
+    shared = {"trainer": state, "early_stop": early, "scaler": engine.scaler, "master": engine.master}
+    if not deepspeed:  # DeepSpeed checkpoints its own scheduler with the engine
+        shared["scheduler"] = engine.scheduler
+    return CheckpointManager(cfg.run_dir, model=engine.model, optimizer=engine.optimizer, shared=shared,
+                             per_rank={"rng": RNGState(), "loader": batches}, pdims=pdims, keep_last=cc.keep_last,
+                             keep_best=cc.keep_best, best_metric=cc.best_metric, best_mode=cc.best_mode,
+                             engine=engine if deepspeed else None)
 
 
 def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = True) -> dict:
     """Final ``model.safetensors`` (unless the run stopped non-finite), ``summary.json`` and the report."""
     run_dir = Path(cfg.run_dir)
     if export and summary["stop_reason"] != "non_finite":
-        _export(model, run_dir, summary["steps"], pdims, job.checkpoints.last_saved, tied_aliases(model))
+        _export(model, run_dir, summary["steps"], pdims, job.checkpoints.last_saved)
     if pdims.is_distributed:
         from lmforge.distributed.utils import local_state_bytes
 
@@ -137,25 +138,15 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
     return summary
 
 
-def tied_aliases(model) -> list[str]:
-    """Canonical names of parameters that are another parameter under a second name (tied heads)."""
-    from lmforge.training.precision import canonical_name
-
-    first = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
-    return [canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n]
-
-
-def _export(model, run_dir: Path, step: int, pdims, last_saved, tied: list[str]) -> None:
+def _export(model, run_dir: Path, step: int, pdims, last_saved) -> None:
     """Final ``model.safetensors``: the live weights, or (multi-process) rank 0 merges the last checkpoint."""
-    from lmforge.training import checkpoint as ckpt
+    from lmforge.checkpoint import export_safetensors, full_weights
 
     if not pdims.is_distributed:
-        ckpt.export_safetensors(model, run_dir / "model.safetensors", {"step": step})
+        export_safetensors(model, run_dir / "model.safetensors", {"step": step})
         return
     if pdims.is_rank0 and last_saved is not None:
-        from lmforge.training.checkpoint_sharded import export_from_checkpoint
-
-        export_from_checkpoint(last_saved, run_dir / "model.safetensors", tied=tied)
+        export_safetensors(full_weights(last_saved), run_dir / "model.safetensors", {"step": step})
     import torch.distributed as dist
 
     dist.barrier()
