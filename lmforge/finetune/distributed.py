@@ -51,11 +51,12 @@ def check_method(cfg) -> None:
 
 def start(cfg):
     """This process's ``ParallelDims`` (and device), joining the launcher's process group when world size > 1."""
+    from lmforge.distributed.launch_env import discover
     from lmforge.distributed.mesh import init_distributed
 
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but CUDA is not available")
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    if discover().world_size > 1:  # torchrun, MPI or Slurm
         check_method(cfg)
     return init_distributed(training_view(cfg))
 
