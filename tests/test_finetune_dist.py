@@ -25,14 +25,14 @@ from test_finetune import _cfg, cls_files, tiny_run  # noqa: E402,F401  (fixture
 from lmforge.config import ConfigError  # noqa: E402
 from lmforge.finetune.config import load_finetune_config  # noqa: E402
 
-LORA = {"method.name": "lora", "method.lora_r": 4, "optimizer.lr": 1e-2, "base.pooling": "mean"}
+LORA = {"method.name": "lora", "method.lora_r": 4, "optimizer.lr": 1e-2, "base.pooling": "mean", "train.log_every": 1}
 TRAIN = {**LORA, "train.max_steps": 45, "train.eval_every": 15}
 EQUIV_STEPS = 6
 EQUIV = {**LORA, "train.batch_size": 15, "data.class_weights": True, "train.max_steps": EQUIV_STEPS,
          "train.eval_every": 3}
 SFT = {"method.name": "lora", "method.lora_r": 4, "optimizer.lr": 1e-2, "train.batch_size": 7,
-       "train.max_steps": 4, "train.eval_every": 4}
-SHORT = {"train.batch_size": 13, "train.max_steps": 4, "train.eval_every": 2, "optimizer.lr": 1e-2,
+       "train.max_steps": 4, "train.eval_every": 4, "train.log_every": 1}
+SHORT = {"train.batch_size": 13, "train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1, "optimizer.lr": 1e-2,
          "method.adapter_size": 8, "method.prefix_len": 4, "method.adalora_init_r": 4, "method.adalora_target_r": 2,
          "method.adalora_delta_t": 2}
 COMBOS = ["ddp_lora", "zero2_adapter", "zero3_prefix", "zero3_full", "ddp_adalora"]  # strategy_method
@@ -229,7 +229,7 @@ def test_rank_rows_partition_each_global_batch():
     without rows gets one row whose targets are all ignored (it still runs forward/backward)."""
     from lmforge.data.tasks import IGNORE
     from lmforge.finetune.data import collate
-    from lmforge.finetune.distributed import rank_rows
+    from lmforge.finetune.data import rank_rows
 
     lengths = [3, 7, 2, 5, 4]
     batch = collate([{"input_ids": list(range(1, n + 1)), "label": i % 2} for i, n in enumerate(lengths)], 0)

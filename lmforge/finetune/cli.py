@@ -12,9 +12,14 @@ def _cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     from lmforge.finetune.config import load_finetune_config
     from lmforge.finetune.trainer import finetune
 
-    cfg = load_finetune_config(args.config, extra)
+    resume = [f"--checkpoint.resume={args.resume}"] if args.resume else []
+    cfg = load_finetune_config(args.config, list(extra) + resume)
     summary = finetune(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
+    if summary["best_value"] is None:
+        print(f"stopped ({summary['stop_reason']}) at step {summary['steps']} before any evaluation; run folder "
+              f"{cfg.run_dir}")
         return 0
     print(f"best {summary['metric']} {summary['best_value']:.4f} at step {summary['best_step']}; "
           f"run folder {cfg.run_dir}")
@@ -34,6 +39,7 @@ def add_finetune_commands(subparsers) -> None:
     f = subparsers.add_parser("finetune", help="fine-tune a base (lmforge run or HF folder) for classification, "
                               "token classification or SFT with full/lora/adalora/adapter/prefix")
     f.add_argument("--config", help="YAML fine-tuning config (see docs/finetune.md)")
+    f.add_argument("--resume", help="'auto' (newest checkpoint of run_dir that verifies) or a checkpoint folder")
     f.set_defaults(func=_cmd_finetune)
     e = subparsers.add_parser("evaluate", help="score a fine-tuning run's best weights on a data file and write "
                               "the report (JSON, Markdown, HTML, confusion PNG) to RUN/reports/")

@@ -12,8 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.config import (ConfigError, DistributedConfig, OptimizerConfig, SchedulerConfig, Section, load_root,
-                            validate_root)
+from lmforge.config import (CheckpointConfig, ConfigError, DistributedConfig, OptimizerConfig, SchedulerConfig, Section,
+                            TrainingConfig, load_root, validate_root)
 
 Method = Literal["full", "lora", "adalora", "adapter", "prefix"]
 Task = Literal["classification", "token-classification", "sft"]
@@ -75,6 +75,9 @@ class MethodConfig(Section):
         return self
 
 
+_PRE = TrainingConfig.model_fields  # keys shared with pre-training: the same defaults, bounds and descriptions
+
+
 class FTTrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1, description="overrides epochs")
@@ -87,11 +90,30 @@ class FTTrainConfig(Section):
     early_stop_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
     layer_lr_decay: Optional[float] = Field(None, gt=0, le=1, description="lr × decay^(depth from the top) "
                                             "per layer (embeddings deepest); None: off")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step: each global batch is "
+                                  "split into this many (then over the ranks); the loss is normalised over the "
+                                  "whole global batch, so the result equals accumulation 1")
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (CPU with AVX-512 bf16, or CUDA)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast compute dtype (bf16: CPU "
+                                                      "with AVX-512 bf16, or CUDA); fp16 adds dynamic loss scaling")
+    loss_scale_init: float = _PRE["loss_scale_init"]
+    loss_scale_window: int = _PRE["loss_scale_window"]
+    loss_scale_hysteresis: int = _PRE["loss_scale_hysteresis"]
+    loss_scale_min: float = _PRE["loss_scale_min"]
+    loss_scale_max_skips_at_min: int = _PRE["loss_scale_max_skips_at_min"]
+    max_minutes: Optional[float] = _PRE["max_minutes"]
+    max_bad_steps: int = _PRE["max_bad_steps"]
+    log_every: int = Field(10, ge=1, description="steps per log line (the only host reads of loss and grad norm)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+
+    @model_validator(mode="after")
+    def _accum_fits_batch(self) -> "FTTrainConfig":
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} exceeds train.batch_size="
+                             f"{self.batch_size} (each micro-batch needs at least one example)")
+        return self
 
 
 class FinetuneConfig(Section):
@@ -103,6 +125,8 @@ class FinetuneConfig(Section):
     train: FTTrainConfig = FTTrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig(lr=5e-5, weight_decay=0.01, betas=(0.9, 0.999))
     scheduler: SchedulerConfig = SchedulerConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="the pre-training section: every_steps, "
+                                         "keep_last, resume (None, 'auto' or a checkpoint folder), keep_best")
     distributed: DistributedConfig = Field(DistributedConfig(), description="used under torchrun (world size > 1): "
                                            "data parallel only (ddp, zero2, zero3); see docs/finetune.md")
 

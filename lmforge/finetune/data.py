@@ -179,12 +179,56 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def train_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, epoch: int) -> Iterator[dict]:
-    """One epoch in a seeded order (a pure function of seed and epoch)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    for i in range(0, len(order), batch_size):
-        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+class TaskBatches:
+    """The micro-batches of each optimizer step, for this rank. Step batches come in a seeded order per epoch
+    (a pure function of seed and epoch; the last batch of an epoch may be short), the same on every rank and at
+    every world size: the global batch's rows are split into ``accum`` contiguous micro-batches, each of them
+    into ``world`` contiguous rank shares (``rank_rows``). Stateful (``loader`` in checkpoints): the position
+    of the next batch, (epoch, index)."""
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int, accum: int = 1,
+                 rank: int = 0, world: int = 1):
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.accum, self.rank, self.world = accum, rank, world
+        self.per_epoch = steps_per_epoch(len(examples), batch_size)
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self.examples), generator=g).tolist())
+        return self._order[1]
+
+    def next_step(self) -> list[dict]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        rows = self._epoch_order()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        batch = collate([self.examples[j] for j in rows], self.pad_id)
+        return [rank_rows(rank_rows(batch, i, self.accum), self.rank, self.world) for i in range(self.accum)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
+
+
+def rank_rows(batch: dict, rank: int, world: int) -> dict:
+    """Share ``rank`` of ``world`` contiguous shares of a collated batch (sizes differ by at most one row),
+    trimmed to its longest row; an empty share becomes one row whose targets are all ignored (so every rank
+    runs the same forward/backward collectives)."""
+    n = batch["input_ids"].shape[0]
+    idx = torch.arange(n).tensor_split(world)[rank]
+    if len(idx):
+        part = {k: v[idx] for k, v in batch.items()}
+    else:
+        part = {k: v[:1].clone() for k, v in batch.items()}
+        for k in ("label", "labels"):
+            if k in part:
+                part[k].fill_(IGNORE)
+    T = max(1, int(part["attention_mask"].sum(1).max()))
+    return {k: v[:, :T] if v.dim() == 2 else v for k, v in part.items()}
 
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[tuple[list[dict], dict]]:

@@ -12,10 +12,7 @@ from lmforge.data.tasks_conll import word_predictions
 from lmforge.finetune.data import eval_batches
 from lmforge.finetune.reports import classification_report, entity_report
 from lmforge.models.losses import IGNORE_INDEX
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+from lmforge.training.step import autocast_ctx
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -34,7 +31,7 @@ def evaluate_examples(model, examples: list[dict], task: str, label_names: list[
     device = next(model.parameters()).device
     for chunk, batch in eval_batches(examples, batch_size, pad_id):
         batch = to_device(batch, device)
-        with autocast(device, precision):
+        with autocast_ctx(device, precision):
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
         if task == "classification":
             loss_sum += F.cross_entropy(logits, batch["label"], reduction="sum").item()

@@ -66,6 +66,10 @@ class Applied:
         if self.tuner is not None:
             self.tuner.update_and_allocate(step)
 
+    def state(self) -> Optional["AllocatorState"]:
+        """The method's state outside the model's tensors, as a Stateful (AdaLoRA's rank allocator), or None."""
+        return AllocatorState(self.tuner) if self.tuner is not None else None
+
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
@@ -78,6 +82,29 @@ class Applied:
             total += p.numel()
             train += p.numel() if p.requires_grad else 0
         return {"trainable": train, "total": total, "trainable_pct": 100.0 * train / max(total, 1)}
+
+
+class AllocatorState:
+    """AdaLoRA's rank allocator as a Stateful (``method`` in checkpoints): the smoothed importance scores
+    (``ipt``, ``exp_avg_ipt``, ``exp_avg_unc``, per LoRA tensor) and the rank pattern fixed at ``tfinal``; peft
+    keeps them on the tuner, outside the model's tensors (the pruned ranks' zeros are in ``lora_E`` itself)."""
+
+    _SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+
+    def state_dict(self) -> dict:
+        ra = self.tuner.rankallocator
+        sd = {k: {n: t.detach().cpu().clone() for n, t in getattr(ra, k).items()} for k in self._SCORES}
+        return {**sd, "rank_pattern": self.tuner.peft_config[ra.adapter_name].rank_pattern}
+
+    def load_state_dict(self, sd: dict) -> None:
+        ra = self.tuner.rankallocator
+        device = {n: p.device for n, p in self.tuner.model.named_parameters()}
+        for k in self._SCORES:
+            setattr(ra, k, {n: t.to(device[n]) for n, t in sd[k].items()})
+        self.tuner.peft_config[ra.adapter_name].rank_pattern = sd["rank_pattern"]
 
 
 def _targets(model: nn.Module, cfg: MethodConfig, kind: str) -> list[str]:

@@ -1,30 +1,40 @@
 """``finetune(cfg)``: one fine-tuning run in ``cfg.run_dir``.
 
-Layout: ``finetune.yaml`` (resolved config), ``metrics.jsonl`` + ``tensorboard/``, ``best/`` (adapter.safetensors
-+ adapter.json: the trainable tensors of the best evaluation — the whole model for method=full),
-``merged/model.safetensors`` (lora/adalora folded into the base), ``reports/{validation,test}.{json,md,html,png}``,
-``summary.json``; for sft also ``sft_run/`` (an lmforge run folder for ``lmforge generate``) or ``sft_hf/``.
+Layout: ``finetune.yaml`` (resolved config), ``metrics.jsonl`` + ``tensorboard/``, ``checkpoints/step_XXXXXXX/``
+(resume with ``--resume auto``), ``best/`` (adapter.safetensors + adapter.json: the trainable tensors of the best
+evaluation — the whole model for method=full), ``merged/model.safetensors`` (lora/adalora folded into the base),
+``reports/{validation,test}.{json,md,html,png}``, ``summary.json``; for sft also ``sft_run/`` (an lmforge run
+folder for ``lmforge generate``) or ``sft_hf/``.
+
+This module builds the run's ``Job`` for the one loop (``training/loop.py``): a ``TaskObjective`` through the one
+``TrainStep`` and a ``NativeEngine`` over the task model (DDP-wrapped or FSDP2-sharded under torchrun, see
+``finetune/distributed.py``), the task batches, the evaluation and the best weights, and the checkpoint manager;
+then it scores the best weights and writes the outputs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import ConfigError
 from lmforge.finetune.config import FinetuneConfig, save_finetune_config
-from lmforge.finetune.data import TaskData, load_task_data, steps_per_epoch, train_batches
-from lmforge.finetune.evaluation import autocast, evaluate_examples, flat_metrics, majority_baseline, to_device
-from lmforge.finetune.methods import Applied, apply_method, merge, save_adapter, save_model
+from lmforge.finetune.data import TaskBatches, load_task_data
+from lmforge.finetune.distributed import BestWeights, agree, start, training_view, unsharded_copy
+from lmforge.finetune.evaluation import evaluate_examples, flat_metrics, majority_baseline, to_device
+from lmforge.finetune.methods import adapter_tensors, apply_method, load_adapter, merge, save_model
 from lmforge.finetune.model import TaskModel, load_base
 from lmforge.finetune.reports import print_report, write_report
 from lmforge.finetune.vocab import extend_vocab
+from lmforge.models.losses import IGNORE_INDEX
+from lmforge.training.loop import Job, Limits, TrainState, run_loop
+from lmforge.training.step import StepSettings, TrainStep
 
 _LAYER_RE = re.compile(r"\.(?:layers|layer)\.(\d+)\.")
 
@@ -78,16 +88,29 @@ def prefer_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                            amsgrad=d.get("amsgrad", False), fused=True)
 
 
-def _save_best(applied: Applied, run_dir: Path, extra: dict, tensors: dict | None = None) -> Path:
-    best = run_dir / "best"
-    tmp = run_dir / f"best.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(applied, tmp, extra, tensors)
-    if best.exists():
-        shutil.rmtree(best)
-    os.rename(tmp, best)
-    return best
+class TaskObjective:
+    """The task loss for the one ``TrainStep``. ``weight(batch)`` (host, CPU batch): the labelled targets that
+    ``TaskModel.targets`` selects, or the sum of their class weights. ``loss_sum``: the summed (class-weighted)
+    cross-entropy over the same targets, through the forward module (DDP wrapper / FSDP-sharded model) so its
+    hooks run. The step backprops ``loss_sum × dp / global weight``: the gradient of ``TaskModel.loss`` (the
+    weighted mean) over the whole global batch, for any accumulation split or number of ranks."""
+
+    def __init__(self, task_model: TaskModel, class_weights: Optional[torch.Tensor]):
+        self.task_model, self.class_weights = task_model, class_weights
+
+    def weight(self, batch: dict) -> float:
+        ids_BT = batch["input_ids"]
+        empty = ids_BT.new_empty((*ids_BT.shape, 0), dtype=torch.float32)  # labels only: a logits placeholder
+        _, y, w = self.task_model.targets(empty, batch, self.class_weights)
+        valid = y != IGNORE_INDEX
+        return float(w[y[valid]].sum()) if w is not None else float(valid.sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        batch = to_device(batch, device)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        cw = self.class_weights.to(device) if self.class_weights is not None else None
+        z, y, w = self.task_model.targets(logits, batch, cw)
+        return F.cross_entropy(z, y, weight=w, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def build_task_model(cfg: FinetuneConfig, total_steps: int, label_names: list[str], backbone=None):
@@ -124,143 +147,181 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """One run; returns the summary also written to ``summary.json``. Under torchrun (or in ranks whose process
-    group is already initialised) every rank calls this and the run is data parallel per ``cfg.distributed``
-    (see ``finetune/distributed.py``); world size 1 is the single-process run."""
-    from lmforge.finetune.distributed import FTDist
+    """One run (or its resumption, ``checkpoint.resume``); returns the summary also written to ``summary.json``.
+    Under torchrun (or in ranks whose process group is already initialised) every rank calls this and the run
+    is data parallel per ``cfg.distributed``; world size 1 is the single-process run."""
+    from lmforge.distributed.mesh import destroy_distributed
 
-    fd = FTDist.start(cfg)
+    pdims = start(cfg)
     try:
-        summary = _finetune(cfg, fd)
+        run = FinetuneRun(cfg, pdims)
+        t0 = time.time()
+        summary = run.finish(run_loop(run.job()), time.time() - t0)
     except BaseException:
-        fd.close(failed=True)
+        destroy_distributed(abort=True)
         raise
-    fd.close()
+    destroy_distributed()
     return summary
 
 
-def _finetune(cfg: FinetuneConfig, fd) -> dict:
-    from lmforge.training.guards import EarlyStopper
-    from lmforge.training.metrics import MetricsLogger
-    from lmforge.training.optim import build_optimizer
-    from lmforge.training.schedule import build_scheduler
+class FinetuneRun:
+    """One run's pieces: built once, then shared by the ``Job``'s hooks and the final phase."""
 
-    t0 = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    run_dir = Path(cfg.run_dir)
-    metric, mode = cfg.selection_metric()
+    def __init__(self, cfg: FinetuneConfig, pdims):
+        self.cfg, self.pdims, self.t0, self.eval_s, tc = cfg, pdims, time.time(), 0.0, cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        backbone, self.tok, base_info = load_base(cfg.base.path, cfg.base.tokenizer)
+        self.added = extend_vocab(cfg, backbone, self.tok) if cfg.base.add_unknown_chars else []
+        self.base_info = {**base_info, "added_tokens": len(self.added)} if self.added else base_info
+        self.data = load_task_data(cfg, self.tok)
+        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else 0
+        self.batches = TaskBatches(self.data.train, tc.batch_size, self.pad_id, tc.seed, tc.grad_accum_steps,
+                                   pdims.dp_rank, pdims.dp)
+        self.total = tc.max_steps or max(1, round(tc.epochs * self.batches.per_epoch))
+        self.applied = build_task_model(cfg, self.total, self.data.label_names, backbone)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad base, data file or device leaves none
+        if pdims.is_rank0:
+            save_finetune_config(cfg, self.run_dir / "finetune.yaml")
+            if self.added:
+                self.tok.save(self.run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the vocabulary
+        self.unsharded = unsharded_copy(self.applied, cfg, pdims)  # before sharding: for merged/ and the export
+        self.engine = self._engine()
+        self.meta = {"task": cfg.task, "labels": self.data.label_names, "base": self.base_info,
+                     "scheme": self.data.scheme}
+        self.metric, mode = cfg.selection_metric()
+        self.best = BestWeights(self.applied, self.run_dir / "best", self.metric, mode, self.meta, pdims)
 
-    backbone, tok, base_info = load_base(cfg.base.path, cfg.base.tokenizer)
-    added = extend_vocab(cfg, backbone, tok) if cfg.base.add_unknown_chars else []
-    if added:
-        base_info = {**base_info, "added_tokens": len(added)}
-    data: TaskData = load_task_data(cfg, tok)
-    pad_id = tok.pad_id if tok.pad_id is not None else 0
-    per_epoch = steps_per_epoch(len(data.train), cfg.train.batch_size)
-    total = cfg.train.max_steps or max(1, round(cfg.train.epochs * per_epoch))
-    applied = build_task_model(cfg, total, data.label_names, backbone)
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but CUDA is not available")
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    if fd.distributed:
-        device = fd.device  # this rank's, from train.device and LOCAL_RANK
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad base, data file or device leaves no folder
-    if fd.is_main:
-        save_finetune_config(cfg, run_dir / "finetune.yaml")
-        if added:
-            tok.save(run_dir / "tokenizer.json")  # `lmforge evaluate` rebuilds the same vocabulary from it
-    fd.keep_unsharded_copy(applied)  # rank 0 of a distributed lora/sft run: for merged/ and the export
-    model = fd.parallelize(applied.model.to(device))  # method first, then shard (FSDP2) or wrap (DDP)
-    optimizer = prefer_fused(build_optimizer(model, cfg.optimizer))
-    if cfg.train.layer_lr_decay:
-        apply_layer_lr_decay(optimizer, model, cfg.train.layer_lr_decay)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, total)
-    stopper = EarlyStopper(metric, cfg.train.early_stop_patience, 0.0, mode) if cfg.train.early_stop_patience else None
-    eval_every = cfg.train.eval_every or per_epoch
-    counts = applied.param_counts()
-    logger = MetricsLogger(run_dir, total, is_main=fd.is_main)
-    if fd.distributed:
-        logger.message(fd.describe())
-    if added:
-        logger.message(f"base.add_unknown_chars: {len(added)} new tokens (vocabulary {tok.vocab_size:,}), e.g. "
-                       + "".join(added[:20]))
-    logger.message(f"finetune {cfg.task} / {cfg.method.name}: {len(data.train)} train, {len(data.val)} validation"
-                   f"{f', {len(data.test)} test' if data.test else ''} examples; {total} steps; trainable "
-                   f"{counts['trainable']:,} of {counts['total']:,} params ({counts['trainable_pct']:.2f}%)")
-    extra = {"task": cfg.task, "labels": data.label_names, "base": base_info, "scheme": data.scheme}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    cw = data.class_weights.to(device) if data.class_weights is not None else None
-    best_value, best_step, step, epoch, stopped = None, 0, 0, 0, None
-    eval_s, t_loop = 0.0, time.time()
-    model.train()
-    while step < total and stopped is None:
-        for batch in fd.shard(train_batches(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, epoch)):
-            batch = to_device(batch, device)
-            with autocast(device, cfg.train.precision):
-                loss, loss_value = fd.loss(model, batch, cw)  # loss_value: mean over the global batch
-            loss.backward()
-            gn = fd.clip_grad_norm(trainable, cfg.train.grad_clip)
-            optimizer.step()
-            step += 1
-            applied.after_step(step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(gn)}
-            if step % eval_every == 0 or step == total:
-                t_eval = time.time()
-                rep = evaluate_examples(model, data.val, cfg.task, data.label_names, pad_id,
-                                        cfg.train.eval_batch_size, cfg.train.precision)
-                m = fd.agree(flat_metrics(rep))  # rank 0's numbers: every rank takes the same decisions
-                rec.update(m)
-                value = m.get(metric if metric == "val_loss" else f"val_{metric}")
-                better = best_value is None or (value < best_value if mode == "min" else value > best_value)
-                if better:
-                    best_value, best_step = value, step
-                    tensors = fd.best_tensors(applied)  # distributed: gathered in full (every rank)
-                    if fd.is_main:
-                        _save_best(applied, run_dir, {**extra, "step": step, metric: value}, tensors)
-                logger.message(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
-                               + ("  (best)" if better else ""))
-                if stopper is not None and stopper.update({metric: value}):
-                    stopped = f"early stop at step {step}: {stopper.describe()}"
-                eval_s += time.time() - t_eval
-            logger.log(rec)
-            if step >= total or stopped:
-                break
-        epoch += 1
-    logger.close()
-    if stopped and fd.is_main:
-        print(stopped)
-    train_s = time.time() - t0
-    loop_s = time.time() - t_loop - eval_s
+    def _engine(self):
+        from lmforge.distributed.parallelize import parallelize_model
+        from lmforge.training.engine import NativeEngine
+        from lmforge.training.optim import build_optimizer
+        from lmforge.training.precision import make_loss_scaler
+        from lmforge.training.schedule import build_scheduler
 
-    fd.load_best(applied, run_dir / "best")
-    summary = {"task": cfg.task, "method": cfg.method.name, "metric": metric, "best_step": best_step,
-               "best_value": best_value, "steps": step, "train_seconds": train_s,
-               "loop_seconds": loop_s, "eval_seconds": eval_s, "params": counts,
-               "stopped": stopped, "majority_baseline_accuracy": majority_baseline(data.train, data.val, cfg.task)}
-    for split, examples in (("validation", data.val), ("test", data.test)):
-        if not examples:
-            continue
-        rep = evaluate_examples(model, examples, cfg.task, data.label_names, pad_id, cfg.train.eval_batch_size,
-                                cfg.train.precision)
-        summary[split] = flat_metrics(rep)
-        if fd.is_main:
-            write_report(rep, run_dir / "reports", split, title=f"{split} ({cfg.task}, {cfg.method.name})")
-            print_report(rep, title=f"{split} ({cfg.task}, {cfg.method.name})")
-    if fd.distributed:  # rank 0 writes merged/ and the sft export from its unsharded copy with best/ loaded
-        applied = fd.unsharded_best(run_dir / "best")
-        model = applied.model if applied is not None else None
-    if fd.is_main and cfg.method.name in ("lora", "adalora"):
-        merged = merge(applied)
-        save_model(merged, run_dir / "merged" / "model.safetensors", {"task": cfg.task, "from": "best"})
-        (run_dir / "merged" / "labels.json").write_text(json.dumps(extra, indent=2))
-    if fd.is_main and cfg.task == "sft" and cfg.method.name in ("full", "lora", "adalora"):
-        summary["export"] = str(export_sft(model, tok, base_info, run_dir, best_step))
-    if fd.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return fd.agree(summary)
+        cfg, pdims = self.cfg, self.pdims
+        model = self.applied.model.to(pdims.device)
+        forward = parallelize_model(model, pdims, training_view(cfg))  # method first, then shard or DDP-wrap
+        if pdims.is_distributed:  # each rank its own dropout masks from here on, as one process for its rows
+            torch.manual_seed(cfg.train.seed + pdims.dp_rank)
+        optimizer = prefer_fused(build_optimizer(model, cfg.optimizer))
+        if cfg.train.layer_lr_decay:
+            apply_layer_lr_decay(optimizer, model, cfg.train.layer_lr_decay)
+        scheduler = build_scheduler(optimizer, cfg.scheduler, self.total)
+        return NativeEngine(forward, optimizer, scheduler, pdims, pdims.device, cfg.train.precision,
+                            scaler=make_loss_scaler(cfg.train))
+
+    def job(self) -> Job:
+        from lmforge.training.guards import EarlyStopper
+
+        cfg, tc, eng = self.cfg, self.cfg.train, self.engine
+        state = TrainState()
+        early = EarlyStopper(self.best.key, tc.early_stop_patience, 0.0, self.best.mode) \
+            if tc.early_stop_patience else None
+        post = (lambda: self.applied.after_step(state.step + 1)) if self.applied.tuner is not None else None
+        step = TrainStep(eng, TaskObjective(self.applied.model, self.data.class_weights), self.pdims,
+                         StepSettings(tc.grad_clip, tc.precision), post_update=post)
+        limits = Limits(self.total, None, tc.max_minutes, tc.max_bad_steps, tc.log_every,
+                        tc.eval_every or self.batches.per_epoch, cfg.checkpoint.every_steps)
+        shared = {"scheduler": eng.scheduler, "trainer": state, "early_stop": early, "scaler": eng.scaler,
+                  "best": self.best, "method": self.applied.state()}
+
+        def extra() -> dict:
+            return {"epoch": self.batches.epoch, **({"loss_scale": eng.scaler.scale} if eng.scaler else {})}
+
+        return Job(step, self.batches, self._manager(shared), self.open_log, self.evaluate, eng.lr, limits, state,
+                   early, cfg.checkpoint.resume, on_eval=self.on_eval, on_start=self.on_start, extra_record=extra)
+
+    def _manager(self, shared: dict):
+        """The checkpoint manager: only the trainable tensors (and AdaLoRA's rank buffers) of a peft method
+        (the base is reloaded from ``base.path``), every tensor for method=full."""
+        from lmforge.checkpoint import CheckpointManager, RNGState
+
+        cc, eng = self.cfg.checkpoint, self.engine
+        keep = None if self.cfg.method.name == "full" else set(adapter_tensors(self.applied))
+        return CheckpointManager(self.run_dir, model=eng.model, optimizer=eng.optimizer, shared=shared,
+                                 per_rank={"rng": RNGState(), "loader": self.batches}, pdims=self.pdims,
+                                 keep_last=cc.keep_last, keep_best=cc.keep_best, best_metric=cc.best_metric,
+                                 best_mode=cc.best_mode,
+                                 model_filter=None if keep is None else (lambda name, _t: name in keep))
+
+    def open_log(self, resume_step: int):
+        from lmforge.training.metrics import MetricsLogger
+
+        self.log = MetricsLogger(self.run_dir, self.total, is_main=self.pdims.is_rank0, resume_step=resume_step)
+        return self.log
+
+    def on_start(self, log) -> None:
+        cfg, p, data = self.cfg, self.pdims, self.data
+        if p.is_distributed:
+            log.message(f"distributed: world {p.world_size}, strategy {p.strategy}, dp {p.dp}; "
+                        f"{cfg.train.batch_size} examples per step over all ranks")
+        if self.added:
+            log.message(f"base.add_unknown_chars: {len(self.added)} new tokens (vocabulary {self.tok.vocab_size:,}),"
+                        " e.g. " + "".join(self.added[:20]))
+        c = self.applied.param_counts()
+        log.message(f"finetune {cfg.task} / {cfg.method.name}: {len(data.train)} train, {len(data.val)} validation"
+                    f"{f', {len(data.test)} test' if data.test else ''} examples; {self.total} steps; trainable "
+                    f"{c['trainable']:,} of {c['total']:,} params ({c['trainable_pct']:.2f}%)")
+
+    def _score(self, examples: list[dict]) -> dict:
+        tc = self.cfg.train
+        return evaluate_examples(self.applied.model, examples, self.cfg.task, self.data.label_names, self.pad_id,
+                                 tc.eval_batch_size, tc.precision)
+
+    def evaluate(self, step: int) -> dict:
+        """Every rank scores the whole validation set; rank 0's metrics are agreed."""
+        t0 = time.time()
+        metrics = agree(flat_metrics(self._score(self.data.val)), self.pdims)
+        self.eval_s += time.time() - t0
+        return metrics
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        if self.best.update(step, metrics):
+            self.log.message(f"step {step}: new best {self.metric} {self.best.value:.4f}")
+
+    def finish(self, out: dict, loop_s: float) -> dict:
+        """Restore the best weights, score them on validation and test, write merged/ and the sft export, the
+        reports and ``summary.json`` (a run stopped by a signal only writes the summary: resume it)."""
+        cfg, data = self.cfg, self.data
+        self.best.restore()
+        summary = {"task": cfg.task, "method": cfg.method.name, "metric": self.metric, "best_step": self.best.step,
+                   "best_value": self.best.value, "steps": out["steps"], "stop_reason": out["stop_reason"],
+                   "skipped_steps": out["skipped_steps"], "resumed_from": out["resumed_from"],
+                   "train_seconds": time.time() - self.t0, "loop_seconds": loop_s - self.eval_s,
+                   "eval_seconds": self.eval_s, "params": self.applied.param_counts(),
+                   "majority_baseline_accuracy": majority_baseline(data.train, data.val, cfg.task)}
+        if not (out["stop_reason"] or "").startswith("signal_"):
+            for split, examples in (("validation", data.val), ("test", data.test)):
+                if examples:
+                    summary[split] = self._report(split, examples)
+            self._outputs(summary)
+        if self.pdims.is_rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return agree(summary, self.pdims)
+
+    def _report(self, split: str, examples: list[dict]) -> dict:
+        rep, title = self._score(examples), f"{split} ({self.cfg.task}, {self.cfg.method.name})"
+        if self.pdims.is_rank0:
+            write_report(rep, self.run_dir / "reports", split, title=title)
+            print_report(rep, title=title)
+        return flat_metrics(rep)
+
+    def _outputs(self, summary: dict) -> None:
+        """Rank 0: merged/ (lora, adalora) and the sft export, from the best weights (distributed: rank 0's
+        unsharded copy with ``best/`` loaded)."""
+        cfg, applied = self.cfg, self.applied
+        if not self.pdims.is_rank0 or self.best.value is None:
+            return
+        if self.pdims.is_distributed:
+            applied = self.unsharded
+            if applied is not None:
+                load_adapter(applied, self.best.folder)
+        if cfg.method.name in ("lora", "adalora"):
+            merged = self.run_dir / "merged"
+            save_model(merge(applied), merged / "model.safetensors", {"task": cfg.task, "from": "best"})
+            (merged / "labels.json").write_text(json.dumps(self.meta, indent=2))
+        if cfg.task == "sft" and cfg.method.name in ("full", "lora", "adalora"):
+            summary["export"] = str(export_sft(applied.model, self.tok, self.base_info, self.run_dir, self.best.step))
