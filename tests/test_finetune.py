@@ -58,7 +58,7 @@ def cls_files(tmp_path_factory):
 
 def _cfg(run, tmp_path, train, **over):
     ov = [f"--base.path={run}", f"--data.train={train}", f"--run_dir={tmp_path / 'ft'}", "--train.batch_size=16",
-          "--data.max_len=32", "--train.eval_batch_size=32"] + [f"--{k}={v}" for k, v in over.items()]
+          "--data.max_len=32", "--train.eval_batch_size=32", "--train.precision=fp32"] + [f"--{k}={v}" for k, v in over.items()]
     return load_finetune_config(None, ov)
 
 

@@ -81,3 +81,35 @@ def test_logging_step_reads_loss_and_norm_once(tmp_path, data_dir, monkeypatch):
                                                            "report": False})
     train(cfg)
     assert reads == [1, 1]
+
+
+def test_time_budget_stops_at_the_first_step_boundary_and_says_so(tmp_path, data_dir, monkeypatch, capsys):
+    from lmforge.training.trainer import train
+
+    monkeypatch.setenv("LMFORGE_PEAK_FLOPS", "1e11")
+    cfg = tiny_cfg(tmp_path / "run", data_dir, training={"max_steps": 50, "max_minutes": 1e-6, "eval_every": 0},
+                   checkpoint={"every_steps": 0})
+    summary = train(cfg)
+    assert summary["stop_reason"] == "time_budget" and summary["steps"] == 1
+    assert summary["final_checkpoint"].endswith("step_0000001")
+    assert "longer than training.max_minutes" in capsys.readouterr().out
+
+
+def test_resolved_precision_is_recorded(tmp_path, data_dir, monkeypatch, capsys):
+    """precision auto resolves on this machine: config.yaml states the dtype used, summary.json why."""
+    import json
+
+    import yaml
+
+    from lmforge.training.trainer import train
+
+    monkeypatch.setenv("LMFORGE_PEAK_FLOPS", "1e11")
+    cfg = tiny_cfg(tmp_path / "run", data_dir, training={"max_steps": 2, "precision": "auto", "eval_every": 0},
+                   checkpoint={"every_steps": 0})
+    train(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["precision"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved in ("fp32", "bf16") and summary["precision"]["precision"] == saved
+    assert summary["precision"]["requested"] == "auto" and summary["precision"]["peaks"].get("fp32")
+    assert summary["environment"]["cpu"]["flags"]
+    assert f"precision {saved} (auto)" in capsys.readouterr().out

@@ -94,8 +94,9 @@ class FTTrainConfig(Section):
                                   "split into this many (then over the ranks); the loss is normalised over the "
                                   "whole global batch, so the result equals accumulation 1")
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast compute dtype (bf16: CPU "
-                                                      "with AVX-512 bf16, or CUDA); fp16 adds dynamic loss scaling")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast compute dtype; auto: measured on this machine (as training.precision); fp16 "
+        "adds dynamic loss scaling. finetune.yaml records the resolved value")
     loss_scale_init: float = _PRE["loss_scale_init"]
     loss_scale_window: int = _PRE["loss_scale_window"]
     loss_scale_hysteresis: int = _PRE["loss_scale_hysteresis"]

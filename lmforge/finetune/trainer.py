@@ -181,6 +181,10 @@ class FinetuneRun:
                                    pdims.dp_rank, pdims.dp)
         self.total = tc.max_steps or max(1, round(tc.epochs * self.batches.per_epoch))
         self.applied = build_task_model(cfg, self.total, self.data.label_names, backbone)
+        from lmforge.training.build import agree_precision
+
+        self.precision = agree_precision(tc.precision, pdims, pdims.device, "train.precision")
+        tc.precision = self.precision.precision  # finetune.yaml and `lmforge evaluate` see the resolved dtype
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad base, data file or device leaves none
         if pdims.is_rank0:
@@ -254,6 +258,7 @@ class FinetuneRun:
         return self.log
 
     def on_start(self, log) -> None:
+        log.message(self.precision.log_line())
         cfg, p, data = self.cfg, self.pdims, self.data
         if p.is_distributed:
             log.message(f"distributed: world {p.world_size}, strategy {p.strategy}, dp {p.dp}; "
@@ -292,7 +297,8 @@ class FinetuneRun:
                    "skipped_steps": out["skipped_steps"], "resumed_from": out["resumed_from"],
                    "train_seconds": time.time() - self.t0, "loop_seconds": loop_s - self.eval_s,
                    "eval_seconds": self.eval_s, "params": self.applied.param_counts(),
-                   "majority_baseline_accuracy": majority_baseline(data.train, data.val, cfg.task)}
+                   "majority_baseline_accuracy": majority_baseline(data.train, data.val, cfg.task),
+                   "precision": self.precision.to_dict()}
         if not (out["stop_reason"] or "").startswith("signal_"):
             for split, examples in (("validation", data.val), ("test", data.test)):
                 if examples:

@@ -58,12 +58,20 @@ def resolve_model_cfg(cfg: Config, train_shards) -> None:
 
 
 def resolve_precision(cfg: Config, pdims, device: torch.device):
-    """``training.precision`` (``auto`` included) → this machine's choice, decided once on rank 0 and shared (a
-    busy or different probe must not give ranks different dtypes); written into ``cfg`` so the saved config
-    states the resolved value. Returns the ``PrecisionChoice`` (reason, probe numbers) for the log and summary."""
+    """``training.precision`` (``auto`` included) → this machine's choice, written into ``cfg`` so the saved
+    config states the resolved value. Returns the ``PrecisionChoice`` (reason, probe numbers) for the log and
+    summary."""
+    choice = agree_precision(cfg.training.precision, pdims, device, "training.precision")
+    cfg.training.precision = choice.precision
+    return choice
+
+
+def agree_precision(want: str, pdims, device: torch.device, key: str):
+    """``want`` resolved once on rank 0 and shared: a busy or different probe must not give ranks different
+    dtypes. The warning for a slow explicit choice is printed once, on rank 0."""
     from lmforge.hardware import resolve_precision as resolve
 
-    choice = resolve(cfg.training.precision, device) if pdims.is_rank0 else None
+    choice = resolve(want, device, key=key) if pdims.is_rank0 else None
     if pdims.is_distributed:
         import torch.distributed as dist
 
@@ -74,7 +82,6 @@ def resolve_precision(cfg: Config, pdims, device: torch.device):
         choice.warn()
     if pdims.is_rank0 and pdims.is_distributed:
         choice.warn()
-    cfg.training.precision = choice.precision
     return choice
 
 

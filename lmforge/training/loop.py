@@ -106,7 +106,7 @@ def run_loop(job: Job) -> dict:
         log.message(f"resumed from {resumed} at step {st.step}")
     if job.on_start:
         job.on_start(log)
-    t_start, window, metrics, last_eval = time.time(), _Window(st.step), {}, {}
+    t_start, window, metrics, last_eval, start_step = time.time(), _Window(st.step), {}, {}, st.step
     spikes = SpikeDetector(lim.spike_factor)
     job.step.read_norm = lim.spike_factor is not None
     reason = stop_reason(st, lim, None, False, None) if st.step >= lim.max_steps or lim.stop_at_step else None
@@ -118,6 +118,8 @@ def run_loop(job: Job) -> dict:
                 out = job.step(job.batches.next_step(),
                                lambda: (budget and time.time() - t_start >= lim.max_minutes * 60, bool(signals.caught)))
                 _count(st, out, log, spikes, job.step)
+                if st.step == start_step + 1:
+                    _budget_note(lim, log, time.time() - t_start, st.step)
                 window.add(out)
                 if due(st.step, lim.log_every) or st.step == lim.max_steps:
                     log.log(window.flush(st, lr, out, job))
@@ -153,6 +155,21 @@ def _count(st: TrainState, out, log, spikes: SpikeDetector, step) -> None:
     st.bad_streak = 0 if out.overflow else st.bad_streak + 1
     log.message(f"step {st.step}: {'fp16 overflow' if out.overflow else 'non-finite loss/grad'}; update skipped "
                 f"({st.skipped} so far)")
+
+
+def _budget_note(lim: Limits, log, first_s: float, step: int) -> None:
+    """After the first step: say when the time budget cannot hold the run (the first step includes warm-up,
+    so this errs on the side of fitting)."""
+    if lim.max_minutes is None:
+        return
+    budget = lim.max_minutes * 60
+    left = lim.max_steps - step
+    if first_s >= budget:
+        log.message(f"time budget: one step took {first_s:.0f}s, longer than training.max_minutes="
+                    f"{lim.max_minutes:g} ({budget:.0f}s); the run stops after this step")
+    elif left and first_s * (left + 1) > budget:
+        log.message(f"time budget: at {first_s:.1f}s per step about {int(budget // first_s)} of the "
+                    f"{lim.max_steps - step + 1} remaining steps fit in training.max_minutes={lim.max_minutes:g}")
 
 
 def _evaluate(job: Job, log, step: int) -> dict:
