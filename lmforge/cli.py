@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command_name(args: argparse.Namespace, extra: list[str]) -> str:
     parts = ["lmforge", args.command]
-    parts += [getattr(args, k) for k in ("data_command", "checkpoint_command") if getattr(args, k, None)]
+    parts += [getattr(args, k) for k in ("data_command", "checkpoint_command", "compress_command")
+              if getattr(args, k, None)]
     if getattr(args, "passthrough", False) and extra and not extra[0].startswith("-"):
         parts.append(extra[0])  # lmforge hf export
     return " ".join(parts)

@@ -1,6 +1,7 @@
 """Subcommand groups contributed by subsystems. Each entry takes argparse's subparsers object and adds
 parsers whose ``func(args, extra)`` returns an exit code. Registrars import nothing heavy."""
 
+from lmforge.compress.cli import add_compress_commands
 from lmforge.data.cli import add_data_commands
 from lmforge.distributed.cli import add_distributed_commands
 from lmforge.environment import add_env_commands
@@ -20,4 +21,4 @@ def add_hf_commands(subparsers) -> None:
 
 
 REGISTRARS: list = [add_data_commands, add_finetune_commands, add_distributed_commands, add_hf_commands,
-                    add_env_commands]
+                    add_env_commands, add_compress_commands]

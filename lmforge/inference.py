@@ -22,8 +22,10 @@ def find_tokenizer(run: Path, data_path: Optional[str]):
 
 def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "cpu"):
     """→ (model in eval mode, tokenizer, config, checkpoint used): ``checkpoint`` when given, else the run's
-    newest checkpoint that verifies (``lmforge.checkpoint.resolve_source``)."""
+    newest checkpoint that verifies (``lmforge.checkpoint.resolve_source``). A run written by ``lmforge compress``
+    records what was done in ``compression.json``; its quantized layers are rebuilt here (``compress.restore``)."""
     from lmforge.checkpoint import load_model_weights, resolve_source
+    from lmforge.compress.restore import after_weights, before_weights, recorded_steps
     from lmforge.models import build_model
 
     run = Path(run_dir)
@@ -34,7 +36,10 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str 
     model = build_model(cfg.model, device="meta")
     model.to_empty(device=device)
     model.init_weights(0)  # buffers (e.g. RoPE tables); parameters are overwritten below
+    steps = recorded_steps(run)
+    before_weights(model, steps)
     load_model_weights(model, ckpt)
+    after_weights(model, steps)
     model.eval()
     return model, find_tokenizer(run, cfg.data.path), cfg, ckpt
 

@@ -146,17 +146,24 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, *, prepare=None, objective=None) -> dict:
     """One run (or its resumption, ``checkpoint.resume``); returns the summary also written to ``summary.json``.
     Under torchrun (or in ranks whose process group is already initialised) every rank calls this and the run
-    is data parallel per ``cfg.distributed``; world size 1 is the single-process run."""
+    is data parallel per ``cfg.distributed``; world size 1 is the single-process run.
+
+    Hooks for jobs built on fine-tuning (``lmforge compress``): ``prepare(task_model)`` runs on the task model
+    (method applied) before the engine is built; ``objective(run)`` returns the training loss that replaces
+    ``TaskObjective`` (evaluation and best-weight selection are unchanged)."""
     from lmforge.distributed.mesh import destroy_distributed
 
     pdims = start(cfg)
     try:
-        run = FinetuneRun(cfg, pdims)
+        run = FinetuneRun(cfg, pdims, prepare)
+        job = run.job()
+        if objective is not None:
+            job.step.objective = objective(run)
         t0 = time.time()
-        summary = run.finish(run_loop(run.job()), time.time() - t0)
+        summary = run.finish(run_loop(job), time.time() - t0)
     except BaseException:
         destroy_distributed(abort=True)
         raise
@@ -167,7 +174,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 class FinetuneRun:
     """One run's pieces: built once, then shared by the ``Job``'s hooks and the final phase."""
 
-    def __init__(self, cfg: FinetuneConfig, pdims):
+    def __init__(self, cfg: FinetuneConfig, pdims, prepare=None):
         self.cfg, self.pdims, self.t0, self.eval_s, tc = cfg, pdims, time.time(), 0.0, cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -181,6 +188,8 @@ class FinetuneRun:
                                    pdims.dp_rank, pdims.dp)
         self.total = tc.max_steps or max(1, round(tc.epochs * self.batches.per_epoch))
         self.applied = build_task_model(cfg, self.total, self.data.label_names, backbone)
+        if prepare is not None:
+            prepare(self.applied.model)
         from lmforge.training.build import agree_precision
 
         self.precision = agree_precision(tc.precision, pdims, pdims.device, "train.precision")

@@ -128,7 +128,10 @@ class Built:
     base: nn.Module  # the unwrapped model (FLOPs, config; under pp other stages' weights stay on meta)
 
 
-def build_engine(cfg: Config, pdims, device: torch.device) -> Built:
+def build_engine(cfg: Config, pdims, device: torch.device, prepare=None) -> Built:
+    """``prepare(base)``, when given, runs on the materialised model before the optimizer is built (a model
+    converter: ``lmforge compress`` loads a pruned / student model's weights there, or adds QAT fake
+    quantization)."""
     from lmforge.distributed.parallelize import parallelize_model, shard_optimizer
     from lmforge.models import build_model
     from lmforge.training.engine import NativeEngine, PipelineEngine
@@ -141,6 +144,8 @@ def build_engine(cfg: Config, pdims, device: torch.device) -> Built:
     if getattr(base, "pooler", None) is not None and getattr(base, "nsp_head", None) is None:
         base.pooler.requires_grad_(False)  # BERT's pooler feeds only NSP: no gradient (and DDP needs every grad)
     model = parallelize_model(base, pdims, cfg, init_fn=lambda m: materialize(base, m, tc.seed, device))
+    if prepare is not None:
+        prepare(base)
     master = MasterWeights.maybe(model, tc)
     optimizer = build_optimizer(model, cfg.optimizer, master.substitute() if master else None)
     optimizer = shard_optimizer(optimizer, pdims, cfg)

@@ -29,9 +29,13 @@ def resolve_device(want: str) -> torch.device:
     return device_for(ParallelDims(1, 1, 1, 1, 1), want)
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, *, prepare=None, objective=None) -> dict:
     """Run (or resume) training as configured; returns the summary also written to ``summary.json``. Under
-    torchrun every rank calls this; world size 1 without a launcher is the plain single-process run."""
+    torchrun every rank calls this; world size 1 without a launcher is the plain single-process run.
+
+    Hooks for jobs built on pretraining (``lmforge compress``): ``prepare(model)`` runs on the materialised
+    model before the optimizer exists (``build_engine``); ``objective`` replaces ``LMObjective`` as the
+    training loss (evaluation stays the next-token CE)."""
     from lmforge.distributed.mesh import destroy_distributed, init_distributed
 
     if cfg.distributed.engine == "deepspeed":
@@ -40,7 +44,7 @@ def train(cfg: Config) -> dict:
         return train_with_deepspeed(cfg)
     pdims = init_distributed(cfg)
     try:
-        summary = _train(cfg, pdims)
+        summary = _train(cfg, pdims, prepare, objective)
     except BaseException:
         destroy_distributed(abort=True)
         raise
@@ -48,7 +52,7 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _train(cfg: Config, pdims) -> dict:
+def _train(cfg: Config, pdims, prepare=None, objective=None) -> dict:
     cfg = cfg.model_copy(deep=True)
     device = device_for(pdims, cfg.training.device)
     train_shards, val_shards = open_data(cfg)
@@ -56,9 +60,11 @@ def _train(cfg: Config, pdims) -> dict:
     check_distributed(cfg, pdims)
     choice = resolve_precision(cfg, pdims, device)
     seed_everything(cfg.training.seed)
-    built = build_engine(cfg, pdims, device)
+    built = build_engine(cfg, pdims, device, prepare)
     loader = StepBatches(make_loaders(cfg, pdims, train_shards), cfg.training.grad_accum_steps)
     job = lm_job(cfg, pdims, built.engine, loader, val_shards, built.base.flops_per_token(cfg.data.seq_len), choice)
+    if objective is not None:
+        job.step.objective = objective
     summary = run_loop(job)
     return finish(cfg, pdims, built.engine.model, job, summary)
 

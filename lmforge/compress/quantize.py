@@ -1,0 +1,49 @@
+"""``lmforge compress quantize``: int8 weight-only / int8 dynamic post-training quantization, optionally after a
+quantization-aware fine-tune (``quantize.qat_steps``, ``compress/qat.py``).
+
+Every ``nn.Linear`` of the blocks (not the head tied to the embeddings, nor the classifier head: see
+``quantize.skip``) becomes a ``QuantizedLinear`` whose int8 values torchao's quantizer computed; the kernel
+that runs them is chosen per machine (``qlinear.choose_kernel``) and named in the report.
+"""
+
+from __future__ import annotations
+
+from lmforge.compress.qlinear import check_scheme, choose_kernel, kernel_names, prepare_all, swap_in, targets
+from lmforge.errors import ConfigError
+
+
+def quantize(ctx):
+    from lmforge.compress.run import Result
+
+    qc, src = ctx.cfg.quantize, ctx.src
+    check_scheme(qc.scheme)
+    if qc.kernel == "fbgemm" and qc.scheme != "int8_dynamic":
+        raise ConfigError(f"quantize.kernel=fbgemm runs int8_dynamic only (quantize.scheme={qc.scheme}); use "
+                          "torchao, dequantized or auto")
+    if any(s.get("method") == "quantize" for s in src.compression):
+        raise ConfigError(f"source: {src.path} is quantized already (compression.json)")
+    notes = []
+    model = src.copy_model()
+    if qc.qat_steps:
+        from lmforge.compress.qat import qat_finetune
+
+        model, summary = qat_finetune(ctx, model)
+        notes.append(f"QAT: {qc.qat_steps} steps of fake-quantized fine-tuning (torchao QATConfig, int8 per-token "
+                     f"activations + int8 per-row weights) before quantizing; final train loss "
+                     f"{summary.get('loss', float('nan')):.4f}")
+    lm = model if src.kind == "lm" else model.backbone.model
+    names = targets(lm, qc.skip)
+    if not names:
+        raise ConfigError(f"quantize.skip={qc.skip} leaves no nn.Linear to quantize in {src.path}")
+    swap_in(lm, names, qc.scheme, fill=True)
+    kernel, probe = choose_kernel(lm, qc.kernel)
+    prepare_all(lm, kernel)
+    step = {"method": "quantize", "scheme": qc.scheme, "quantizer": "torchao Int8WeightOnlyConfig (symmetric int8 "
+            "per output row)", "kernel_requested": qc.kernel, "kernel": kernel, "kernel_name": kernel_names()[kernel],
+            "probe_us": probe, "qat_steps": qc.qat_steps, "modules": names}
+    if probe:
+        notes.append("kernel probe (µs per call on the largest layer, @rows): "
+                     + ", ".join(f"{k} {v:g}" for k, v in probe.items()) + f" → {kernel}")
+    notes.append(f"{len(names)} linear layers quantized ({qc.scheme}); kept in float: embeddings, norms, "
+                 f"and modules matching {qc.skip}")
+    return Result(model, step, notes)

@@ -1,0 +1,49 @@
+"""How a compressed run folder loads as any run: ``compression.json`` says what was done, and the one loader
+(``inference.load_run``) applies it with no flag from the caller.
+
+``compression.json``: ``{"format_version": 1, "steps": [{"method": ..., ...}, ...]}`` in the order applied. Only
+``quantize`` steps change how a model is built: their ``modules`` become ``QuantizedLinear`` (int8 buffers the
+checkpoint fills) before the weights load, and their kernel is prepared after (``kernel_requested`` ``auto``:
+chosen again on the loading machine). Pruning, distillation and export steps leave an ordinary model (a
+smaller config, zeros in its weights) and are recorded for the report only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+FILE = "compression.json"
+
+
+def recorded_steps(run_dir: str | Path) -> list[dict]:
+    f = Path(run_dir) / FILE
+    if not f.is_file():
+        return []
+    from lmforge.errors import CheckpointError
+
+    try:
+        return list(json.loads(f.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+
+
+def before_weights(model: nn.Module, steps: list[dict]) -> None:
+    """Give the freshly built ``model`` the modules the checkpoint's tensors belong to."""
+    from lmforge.compress.qlinear import swap_in
+
+    for step in steps:
+        if step.get("method") == "quantize":
+            swap_in(model, step["modules"], step["scheme"], fill=False)
+
+
+def after_weights(model: nn.Module, steps: list[dict]) -> None:
+    """Prepare each quantized layer's kernel (re-chosen here when the folder asked for ``auto``)."""
+    from lmforge.compress.qlinear import choose_kernel, prepare_all
+
+    for step in steps:
+        if step.get("method") == "quantize":
+            kernel, _ = choose_kernel(model, step.get("kernel_requested", "auto"))
+            prepare_all(model, kernel)
