@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Section
 from lmforge.config_loader import load_root
@@ -45,6 +45,11 @@ class PruneConfig(Section):
                                "score the weights")
     recover_steps: int = Field(0, ge=0, description="structured: recovery fine-tune steps through the training loop "
                                "(0: none)")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _sexagesimal(cls, v):
+        return "2:4" if v == 124 else v  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
 
     @model_validator(mode="after")
     def _ranges(self) -> "PruneConfig":
