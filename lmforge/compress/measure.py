@@ -27,6 +27,9 @@ def weights_bytes(folder: Path) -> int:
     from lmforge.checkpoint import newest_valid
 
     folder = Path(folder)
+    if folder.is_file():  # an exported graph (and its external data, if any)
+        extra = folder.with_name(folder.name + ".data")
+        return folder.stat().st_size + (extra.stat().st_size if extra.is_file() else 0)
     if (folder / "model.safetensors").is_file():
         return (folder / "model.safetensors").stat().st_size
     ckpt = newest_valid(folder) if (folder / "checkpoints").is_dir() else None

@@ -187,12 +187,12 @@ def check_same(expected: nn.Module, loaded: nn.Module, sample: dict, kind: str, 
 
 
 def sample_inputs(src, batches: Optional[list[dict]] = None) -> dict:
-    """A small fixed input for the reload check (2 rows)."""
+    """A small fixed input for the reload check and the export parity (3 rows)."""
     if src.kind == "lm":
         if batches:
-            return {"input_ids": batches[0]["input_ids"][:2, :32]}
-        return {"input_ids": torch.randint(0, src.cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))}
+            return {"input_ids": batches[0]["input_ids"][:3, :32]}
+        return {"input_ids": torch.randint(0, src.cfg.model.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))}
     from lmforge.finetune.data import collate
 
     pad = src.tok.pad_id if src.tok.pad_id is not None else 0
-    return collate(src.data.val[:2], pad)
+    return collate(src.data.val[:3], pad)

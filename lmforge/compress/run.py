@@ -30,7 +30,8 @@ class Result:
     written: bool = False  # the method's training run already wrote the folder's weights/config
     extra: dict = field(default_factory=dict)  # more report columns: name → (model, folder or None, runner)
     runner: Optional[nn.Module] = None  # what runs the result for the speed numbers (default: model)
-    files_folder: Optional[Path] = None  # where the result's weight files are (default: the staging folder)
+    files_folder: Optional[Path] = None  # the result's weight files (folder or file; default: the staging folder)
+    quality_runner: bool = False  # score the runner (an exported graph), not the eager model
 
 
 @dataclass
@@ -79,7 +80,8 @@ def compress(command: str, cfg) -> dict:
         for name, (model, folder, runner) in res.extra.items():
             columns[name] = measure(model, src, folder, ctx.quality(model), cfg.bench, runner)
         files = res.files_folder or (stage.tmp if src.kind == "lm" else stage.tmp / "base")
-        columns[command] = measure(res.model, src, files, ctx.quality(res.model),
+        scored = res.runner if res.quality_runner else res.model
+        columns[command] = measure(res.model, src, files, ctx.quality(scored),
                                    cfg.bench, res.runner)
         res.step["seconds"] = round(time.time() - t0, 1)
         rep = report.build(command, str(src.path), str(stage.final), columns, res.step, res.notes)
