@@ -28,9 +28,9 @@ def quantize(ctx):
         from lmforge.compress.qat import qat_finetune
 
         model, summary = qat_finetune(ctx, model)
-        notes.append(f"QAT: {qc.qat_steps} steps of fake-quantized fine-tuning (torchao QATConfig, int8 per-token "
-                     f"activations + int8 per-row weights) before quantizing; final train loss "
-                     f"{summary.get('loss', float('nan')):.4f}")
+        notes.append(f"QAT: {qc.qat_steps} steps of fake-quantized fine-tuning through the training loop (torchao "
+                     "QATConfig: int8 per-row weights" + (", int8 per-token activations" if qc.scheme == "int8_dynamic"
+                                                         else "") + f"), stop reason {summary.get('stop_reason')}")
     lm = model if src.kind == "lm" else model.backbone.model
     names = targets(lm, qc.skip)
     if not names:

@@ -8,6 +8,7 @@ reloading through the normal loaders → rename into place (``output.Staging``).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ def method(name: str) -> Callable[[Context], Result]:
 
 def compress(command: str, cfg) -> dict:
     """Run ``command`` (quantize | prune | distill | export) on ``cfg.source``; returns the report."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notes
     run_method = method(command)
     if not cfg.source:
         raise ConfigError("source: no SOURCE folder given")

@@ -21,11 +21,14 @@ from lmforge.errors import CheckpointError, ConfigError, UserError
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] = None,
                dtype: Optional[torch.dtype] = None) -> Path:
-    """Write a run's model (and tokenizer, when the run has one) as an HF folder."""
+    """Write a run's model (and tokenizer, when the run has one) as an HF folder. A run quantized by
+    ``lmforge compress`` is written with its int8 layers dequantized (HF folders have no such format)."""
+    from lmforge.compress.qlinear import dequantized
     from lmforge.inference import load_run
     from lmforge.models.hf import save_hf
 
     model, tok, cfg, ckpt = load_run(run_dir, checkpoint)
+    model = dequantized(model)
     out = save_hf(model, out, dtype=dtype)
     tok.save(out / "tokenizer.json")
     specials = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len}
