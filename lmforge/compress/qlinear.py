@@ -81,7 +81,8 @@ class QuantizedLinear(nn.Module):
             reduce = not _has_vnni()
             self._run = lambda x_NI: torch.ops.quantized.linear_dynamic(x_NI, packed, reduce)
         elif kernel == "torchao":
-            self._run = _torchao_linear(self.qweight, self.scale, bias, self.scheme)
+            lin = _torchao_linear(self.qweight, self.scale, bias, self.scheme)
+            self._run = lambda x_NI: lin(x_NI)  # a closure, not a submodule: its Int8Tensor stays out of state_dict
         else:
             w_OI = self.weight
             self._run = lambda x_NI: F.linear(x_NI, w_OI, bias)

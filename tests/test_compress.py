@@ -1,0 +1,227 @@
+"""lmforge compress on a tiny decoder run: every method's output loads through the normal loaders with its
+quality computed; structured pruning shrinks shapes; the distillation loss equals a hand computation; export
+parity; bad inputs; a failed compression leaves no output folder.
+
+(A test that compressed outputs serve belongs with ``lmforge serve``, on its own branch: compressed folders
+load through ``inference.load_run``, the loader serve is built on.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.compress.config import load_compress_config  # noqa: E402
+from lmforge.compress.run import compress  # noqa: E402
+from lmforge.errors import ConfigError  # noqa: E402
+from lmforge.inference import load_run  # noqa: E402
+
+torch.set_num_threads(1)
+FAST = ["--eval.batches=2", "--eval.batch_size=4", "--bench.repeats=1", "--bench.new_tokens=4", "--bench.seq_len=16",
+        "--bench.batch=2", "--train.batch_size=2", "--train.precision=fp32", "--prune.calib_batches=2"]
+
+
+@pytest.fixture(autouse=True)
+def _fixed_peak(monkeypatch):
+    monkeypatch.setenv("LMFORGE_PEAK_FLOPS", "1e11")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny Llama (2 layers) trained 12 steps on a packed corpus with a validation split."""
+    from lmforge.training.trainer import train
+
+    root = tmp_path_factory.mktemp("lm")
+    data = pack_tiny(root / "data")
+    cfg = tiny_cfg(root / "run", data, training={"max_steps": 12, "eval_every": 0})
+    train(cfg)
+    return root / "run"
+
+
+def _compress(method: str, run: Path, out: Path, *over: str) -> dict:
+    cfg = load_compress_config(None, [f"--source={run}", f"--out={out}", *FAST, *over])
+    return compress(method, cfg)
+
+
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_weight"])
+def test_quantize_loads_as_a_run(run, tmp_path, scheme):
+    from lmforge.compress.qlinear import QuantizedLinear
+
+    rep = _compress("quantize", run, tmp_path / "q", f"--quantize.scheme={scheme}")
+    src, out = rep["columns"]["source"], rep["columns"]["quantize"]
+    assert out["val_ppl"] > 1 and abs(out["val_ppl"] / src["val_ppl"] - 1) < 0.02
+    assert out["file_bytes"] < src["file_bytes"] and out["decode_tokens_per_s"] > 0
+    assert rep["step"]["kernel"] in ("fbgemm", "torchao", "dequantized") and rep["step"]["kernel_name"]
+    model, *_ = load_run(tmp_path / "q")  # no flag: compression.json is applied by the loader
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 2 * 7 and all(m.qweight.dtype == torch.int8 for m in layers)
+    assert type(model.output) is torch.nn.Linear  # the tied head stays float
+    for name in ("report.json", "report.md", "report.html"):
+        assert (tmp_path / "q" / name).is_file()
+    assert main(["generate", "--run", str(tmp_path / "q"), "--prompt", "the king", "--max-new-tokens", "3"]) == 0
+    assert main(["hf", "export", str(tmp_path / "q"), str(tmp_path / "hf")]) == 0  # written dequantized
+
+
+def test_quantize_kernels_compute_the_stored_weights():
+    """Every kernel computes x·(qweight·scale)ᵀ + b (fbgemm quantizes activations too: a looser bound)."""
+    from lmforge.compress.qlinear import QuantizedLinear, swap_in
+
+    torch.manual_seed(0)
+    owner = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    swap_in(owner, ["0"], "int8_dynamic", fill=True)
+    ql: QuantizedLinear = owner[0]
+    x = torch.randn(5, 64)
+    ref = F.linear(x, ql.weight, ql.bias)
+    for kernel, tol in (("dequantized", 1e-5), ("torchao", 0.05), ("fbgemm", 0.05)):
+        ql.prepare(kernel)
+        assert (ql(x) - ref).abs().max() < tol, kernel
+
+
+def test_qat_then_quantize(run, tmp_path):
+    rep = _compress("quantize", run, tmp_path / "qat", "--quantize.qat_steps=2")
+    assert rep["step"]["qat_steps"] == 2 and rep["columns"]["quantize"]["val_ppl"] > 1
+    assert load_run(tmp_path / "qat")[0] is not None
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "2:4"])
+def test_unstructured_pruning(run, tmp_path, method):
+    rep = _compress("prune", run, tmp_path / "p", f"--prune.method={method}", "--prune.sparsity=0.5")
+    layers = rep["step"]["layers_report"]
+    assert abs(layers["(all block linears)"] - 0.5) < 0.02
+    model, *_ = load_run(tmp_path / "p")
+    w = model.layers[0].feed_forward.w1.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.02
+    if method == "2:4":
+        assert int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+    assert rep["columns"]["prune"]["val_ppl"] > 1
+    assert "layers.0.attention.wq" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_structured_pruning_shrinks_and_recovers(run, tmp_path):
+    rep = _compress("prune", run, tmp_path / "s", "--prune.method=structured", "--prune.ffn_fraction=0.25",
+                    "--prune.recover_steps=3")
+    model, _, cfg, _ = load_run(tmp_path / "s")
+    assert cfg.model.ffn_hidden == 96 and model.layers[0].feed_forward.w1.weight.shape == (96, 64)
+    assert model.layers[1].feed_forward.w2.weight.shape == (64, 96)
+    assert rep["columns"]["prune"]["params"] < rep["columns"]["source"]["params"]
+    assert "pruned, no recovery" in rep["columns"] and rep["step"]["recovery"]["steps"] == 3
+    assert not (tmp_path / "s" / ".work").exists()
+
+
+def test_distill_student_and_baseline(run, tmp_path):
+    rep = _compress("distill", run, tmp_path / "d", "--distill.n_layers=1", "--train.steps=3", "--distill.baseline=true",
+                    "--distill.hidden_weight=0.5")
+    model, _, cfg, _ = load_run(tmp_path / "d")
+    assert cfg.model.n_layers == 1 and len(model.layers) == 1 and rep["step"]["student_layers"] == [1]
+    assert {"source", "student, no KD", "distill"} <= set(rep["columns"])
+    assert all(rep["columns"][c]["val_ppl"] > 1 for c in rep["columns"])
+
+
+def test_distill_loss_equals_hand_computation():
+    from lmforge.compress.kd import DistillObjective
+
+    torch.manual_seed(0)
+    V, T_, alpha, temp = 7, 5, 0.3, 2.0
+    teacher, student = torch.nn.Embedding(V, V), torch.nn.Embedding(V, V)
+
+    class LM(torch.nn.Module):
+        def __init__(self, emb):
+            super().__init__()
+            self.emb, self.layers = emb, torch.nn.ModuleList()
+
+        def forward(self, tokens):
+            return self.emb(tokens)
+
+    ids = torch.randint(0, V, (2, T_))
+    labels = torch.randint(0, V, (2, T_))
+    labels[0, :2] = -100
+    obj = DistillObjective(LM(teacher), "lm", alpha, temp, [])
+    got = obj.loss_sum(LM(student), {"input_ids": ids, "labels": labels}, torch.device("cpu"))
+    zs, zt = student(ids), teacher(ids)
+    keep = labels != -100
+    hand = 0.0
+    for b in range(2):
+        for t in range(T_):
+            if not keep[b, t]:
+                continue
+            p_t = torch.softmax(zt[b, t] / temp, -1)
+            kl = (p_t * (p_t.log() - torch.log_softmax(zs[b, t] / temp, -1))).sum()
+            ce = -torch.log_softmax(zs[b, t], -1)[labels[b, t]]
+            hand = hand + alpha * temp ** 2 * kl + (1 - alpha) * ce
+    assert torch.allclose(got, hand, atol=1e-5)
+    assert obj.weight({"labels": labels}) == float(keep.sum())
+    got.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_parity_and_decode(run, tmp_path, fmt):
+    from lmforge.compress import graphs
+    from lmforge.models.generate import generate
+
+    rep = _compress("export", run, tmp_path / "e", f"--export.format={fmt}")
+    assert max(rep["step"]["parity_max_abs"].values()) <= 1e-4
+    model, *_ = load_run(tmp_path / "e")  # the folder still loads as a run
+    path = tmp_path / "e" / "export" / f"decode.{fmt}"
+    runner = graphs.ort_decoder(path, model.cfg) if fmt == "onnx" else graphs.pt2_decoder(path, model.cfg)
+    prompt = [[5, 9, 12, 40]]
+    assert generate(runner, prompt, 6, temperature=0.0) == generate(model, prompt, 6, temperature=0.0)
+    assert rep["columns"]["export"]["val_ppl"] == pytest.approx(rep["columns"]["source"]["val_ppl"], rel=1e-4)
+
+
+def test_export_onnx_int8(run, tmp_path):
+    rep = _compress("export", run, tmp_path / "e8", "--export.quantize=int8_dynamic")
+    assert (tmp_path / "e8" / "export" / "decode.int8_dynamic.onnx").is_file()
+    assert rep["columns"]["export"]["val_ppl"] == pytest.approx(rep["columns"]["source"]["val_ppl"], rel=0.05)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["prune", "--prune.sparsity=1.5"], "prune.sparsity"),
+    (["prune", "--prune.sparsity=0"], "prune.sparsity"),
+    (["quantize", "--quantize.scheme=int4_weight"], "quantize.scheme"),
+    (["distill", "--distill.n_layers=3"], "distill.n_layers"),
+    (["distill", "--distill.layers=[1, 0]"], "distill.layers"),
+    (["export", "--export.format=pt2", "--export.quantize=int8_dynamic"], "export.quantize"),
+    (["quantize", "--quantize.schem=int8_dynamic"], "quantize.scheme"),
+])
+def test_bad_input_names_the_key(run, tmp_path, capsys, args, key):
+    assert main(["compress", args[0], str(run), "--out", str(tmp_path / "o"), *args[1:], *FAST]) == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
+
+
+def test_bad_source_and_existing_out(run, tmp_path, capsys):
+    assert main(["compress", "quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    assert main(["compress", "quantize", str(run), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_failed_compression_leaves_no_output(run, tmp_path, monkeypatch):
+    """A failure after the weights were written (here: the reload check) publishes nothing; a stale staging
+    folder of a dead process (a kill) never loads as the output and is swept by the next run."""
+    from lmforge.compress import output
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated crash before publishing")
+
+    monkeypatch.setattr(output, "check_same", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _compress("quantize", run, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
+    monkeypatch.undo()
+    stale = tmp_path / "o.tmp-999999999"
+    (stale / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        load_run(tmp_path / "o")
+    _compress("quantize", run, tmp_path / "o")
+    assert not stale.exists() and json.loads((tmp_path / "o" / "compression.json").read_text())["steps"]
