@@ -2,19 +2,20 @@
 
 - ``size``: bytes of the weight files the folder holds (its checkpoint, or an exported graph), and the stored
   parameter count (int8 elements count once, like the floats they replace).
-- ``decode_tps``: batch-1 greedy decoding with the KV cache (``models.generate``): new tokens / wall seconds,
-  prefill of ``bench.prompt_len`` tokens included; best of ``bench.repeats``. Classifiers: batch-1 examples/s.
-- ``throughput``: batch-N forward of N × ``bench.seq_len`` tokens without a cache, tokens/s (classifiers:
+- ``decode_tokens_per_s``: batch-1 greedy decoding with the KV cache (``models.generate``): new tokens / wall
+  seconds, prefill of ``bench.prompt_len`` tokens included. Classifiers: batch-1 examples/s.
+- ``throughput_*``: batch-N forward of N × ``bench.seq_len`` tokens without a cache, tokens/s (classifiers:
   examples/s at batch N).
 Timings run under ``torch.inference_mode`` with ``bench.threads`` torch threads (the machine's default when
-unset) after one warm-up call.
+unset): a warm-up call each, then ``bench.repeats`` rounds timing source and results in turn; the best round
+counts (a shared machine's load then slows every column alike instead of whichever ran last).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -61,16 +62,6 @@ def nonzero_params(model: nn.Module) -> int:
     return n + sum(int((m.qweight != 0).sum()) for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 class Threads:
     def __init__(self, n: Optional[int]):
         self.n, self.prev = n, torch.get_num_threads()
@@ -84,49 +75,56 @@ class Threads:
         torch.set_num_threads(self.prev)
 
 
-@torch.inference_mode()
-def lm_speed(model: nn.Module, vocab: int, bc) -> dict:
-    """Batch-1 decode tokens/s and batch-N forward tokens/s of a decoder (module doc)."""
+def lm_timers(model: nn.Module, vocab: int, bc) -> dict[str, tuple]:
+    """name → (callable, units per call) for a decoder: batch-1 greedy decode, batch-N forward."""
     from lmforge.models.generate import generate
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (bc.prompt_len,), generator=gen).tolist()
-    n_new = min(bc.new_tokens, model.cfg.max_seq_len - bc.prompt_len) if hasattr(model, "cfg") else bc.new_tokens
-    decode_s = _best(lambda: generate(model, [prompt], n_new, temperature=0.0), bc.repeats)
-    seq = min(bc.seq_len, model.cfg.max_seq_len) if hasattr(model, "cfg") else bc.seq_len
+    limit = model.cfg.max_seq_len
+    n_new = min(bc.new_tokens, limit - bc.prompt_len)
+    seq = min(bc.seq_len, limit - 2)  # an exported decode graph bounds tokens by max_seq_len − 2
     x_BT = torch.randint(0, vocab, (bc.batch, seq), generator=gen)
-    fwd_s = _best(lambda: model(x_BT), bc.repeats)
-    return {"decode_tokens_per_s": n_new / decode_s, "batch": bc.batch, "seq_len": seq,
-            "throughput_tokens_per_s": bc.batch * seq / fwd_s}
+    return {"decode_tokens_per_s": (lambda: generate(model, [prompt], n_new, temperature=0.0), n_new),
+            "throughput_tokens_per_s": (lambda: model(x_BT), bc.batch * seq)}
 
 
-@torch.inference_mode()
-def classifier_speed(model: nn.Module, examples: list[dict], pad_id: int, bc) -> dict:
-    """Batch-1 examples/s (first ``repeats``×8 examples one by one) and batch-N examples/s."""
+def classifier_timers(model: nn.Module, examples: list[dict], pad_id: int, bc) -> dict[str, tuple]:
+    """Batch-1 (8 examples one by one) and batch-N examples/s of a classifier."""
     from lmforge.finetune.data import collate
 
     ones = [collate([e], pad_id) for e in examples[:8]]
-    one_s = _best(lambda: [model(b["input_ids"], b["attention_mask"]) for b in ones], bc.repeats)
     batch = collate(examples[:bc.batch], pad_id)
-    n = batch["input_ids"].shape[0]
-    many_s = _best(lambda: model(batch["input_ids"], batch["attention_mask"]), bc.repeats)
-    return {"batch1_examples_per_s": len(ones) / one_s, "batch": n, "throughput_examples_per_s": n / many_s}
+    return {"batch1_examples_per_s": (lambda: [model(b["input_ids"], b["attention_mask"]) for b in ones], len(ones)),
+            "throughput_examples_per_s": (lambda: model(batch["input_ids"], batch["attention_mask"]),
+                                          batch["input_ids"].shape[0])}
 
 
-def measure(model: nn.Module, src, folder: Optional[Path], quality: dict, bc, runner: Optional[nn.Module] = None
-            ) -> dict:
-    """One report column: size, params, speed (of ``runner`` when given, e.g. an ONNX Runtime session wrapper),
-    quality (already computed, so every model is scored on the same batches)."""
-    row = {"file_bytes": weights_bytes(folder) if folder is not None else None, "params": stored_params(model),
-           "nonzero_params": nonzero_params(model), **quality}
-    if not bc.enabled:
-        return row
-    run = runner if runner is not None else model
-    with Threads(bc.threads):
+@torch.inference_mode()
+def speeds(runners: dict[str, nn.Module], src, bc) -> dict[str, dict]:
+    """Units per second of every timer of every runner: one warm-up call each, then ``bench.repeats`` rounds
+    that time each runner in turn (interleaved, so load from other processes hits all alike); best round."""
+    timers = {}
+    for name, model in runners.items():
         if src.kind == "lm":
-            row.update(lm_speed(run, src.cfg.model.vocab_size, bc))
+            timers[name] = lm_timers(model, src.cfg.model.vocab_size, bc)
         else:
-            pad = src.tok.pad_id if src.tok.pad_id is not None else 0
-            row.update(classifier_speed(run, src.data.val, pad, bc))
-    row["threads"] = bc.threads or torch.get_num_threads()
-    return row
+            timers[name] = classifier_timers(model, src.data.val, src.tok.pad_id or 0, bc)
+    best = {name: {k: float("inf") for k in t} for name, t in timers.items()}
+    with Threads(bc.threads):
+        for rnd in range(bc.repeats + 1):
+            for name, t in timers.items():
+                for key, (fn, _) in t.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if rnd:
+                        best[name][key] = min(best[name][key], time.perf_counter() - t0)
+        threads = torch.get_num_threads()
+    return {name: {**{k: t[k][1] / best[name][k] for k in t}, "threads": threads, "repeats": bc.repeats}
+            for name, t in timers.items()}
+
+
+def measure(model: nn.Module, folder: Optional[Path], quality: dict) -> dict:
+    """One report column without the speed: size, params, quality (computed by the caller on shared batches)."""
+    return {"file_bytes": weights_bytes(folder) if folder is not None else None, "params": stored_params(model),
+            "nonzero_params": nonzero_params(model), **quality}

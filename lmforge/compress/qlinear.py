@@ -220,6 +220,15 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
+def machine_key() -> dict:
+    """What decides which kernel is fast: the CPU, its flags and torch's quantized engine."""
+    from lmforge.hardware import cpu_facts
+
+    cpu = cpu_facts()
+    return {"cpu": cpu.get("model"), "flags": sorted(k for k, v in cpu.get("flags", {}).items() if v),
+            "engine": torch.backends.quantized.engine, "cuda": torch.cuda.is_available()}
+
+
 def kernel_names() -> dict:
     return {"fbgemm": f"torch quantized::linear_dynamic ({torch.backends.quantized.engine} engine"
                       f"{', VNNI' if _has_vnni() else ''})",

@@ -8,7 +8,8 @@ that runs them is chosen per machine (``qlinear.choose_kernel``) and named in th
 
 from __future__ import annotations
 
-from lmforge.compress.qlinear import check_scheme, choose_kernel, kernel_names, prepare_all, swap_in, targets
+from lmforge.compress.qlinear import (check_scheme, choose_kernel, kernel_names, machine_key, prepare_all, swap_in,
+                                      targets)
 from lmforge.errors import ConfigError
 
 
@@ -40,7 +41,7 @@ def quantize(ctx):
     prepare_all(lm, kernel)
     step = {"method": "quantize", "scheme": qc.scheme, "quantizer": "torchao Int8WeightOnlyConfig (symmetric int8 "
             "per output row)", "kernel_requested": qc.kernel, "kernel": kernel, "kernel_name": kernel_names()[kernel],
-            "probe_us": probe, "qat_steps": qc.qat_steps, "modules": names}
+            "probe_us": probe, "machine": machine_key(), "qat_steps": qc.qat_steps, "modules": names}
     if probe:
         notes.append("kernel probe (µs per call on the largest layer, @rows): "
                      + ", ".join(f"{k} {v:g}" for k, v in probe.items()) + f" → {kernel}")

@@ -4,7 +4,7 @@
 ``compression.json``: ``{"format_version": 1, "steps": [{"method": ..., ...}, ...]}`` in the order applied. Only
 ``quantize`` steps change how a model is built: their ``modules`` become ``QuantizedLinear`` (int8 buffers the
 checkpoint fills) before the weights load, and their kernel is prepared after (``kernel_requested`` ``auto``:
-chosen again on the loading machine). Pruning, distillation and export steps leave an ordinary model (a
+the recorded kernel on the same machine, chosen again by the probe on another). Pruning, distillation and export steps leave an ordinary model (a
 smaller config, zeros in its weights) and are recorded for the report only.
 """
 
@@ -40,10 +40,14 @@ def before_weights(model: nn.Module, steps: list[dict]) -> None:
 
 
 def after_weights(model: nn.Module, steps: list[dict]) -> None:
-    """Prepare each quantized layer's kernel (re-chosen here when the folder asked for ``auto``)."""
-    from lmforge.compress.qlinear import choose_kernel, prepare_all
+    """Prepare each quantized layer's kernel: the recorded one on the machine that chose it (same CPU, flags
+    and quantized engine), chosen again by the probe elsewhere when the folder asked for ``auto``."""
+    from lmforge.compress.qlinear import choose_kernel, machine_key, prepare_all
 
     for step in steps:
         if step.get("method") == "quantize":
-            kernel, _ = choose_kernel(model, step.get("kernel_requested", "auto"))
+            want = step.get("kernel_requested", "auto")
+            if want == "auto" and step.get("machine") == machine_key() and step.get("kernel"):
+                want = step["kernel"]
+            kernel, _ = choose_kernel(model, want)
             prepare_all(model, kernel)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.compress import output, report
-from lmforge.compress.measure import measure
+from lmforge.compress.measure import measure, speeds
 from lmforge.compress.source import Source, load_source, quality, val_batches
 from lmforge.errors import ConfigError
 
@@ -78,13 +78,18 @@ def compress(command: str, cfg) -> dict:
             _write(ctx, res.model, stage.tmp, steps)
         else:
             output.write_compression(stage.tmp, steps)
-        columns = {"source": measure(src.model, src, _source_files(src), src_quality, cfg.bench)}
+        columns = {"source": measure(src.model, _source_files(src), src_quality)}
+        runners = {"source": src.model}
         for name, (model, folder, runner) in res.extra.items():
-            columns[name] = measure(model, src, folder, ctx.quality(model), cfg.bench, runner)
+            columns[name] = measure(model, folder, ctx.quality(model))
+            runners[name] = runner if runner is not None else model
         files = res.files_folder or (stage.tmp if src.kind == "lm" else stage.tmp / "base")
         scored = res.runner if res.quality_runner else res.model
-        columns[command] = measure(res.model, src, files, ctx.quality(scored),
-                                   cfg.bench, res.runner)
+        columns[command] = measure(res.model, files, ctx.quality(scored))
+        runners[command] = res.runner if res.runner is not None else res.model
+        if cfg.bench.enabled:
+            for name, numbers in speeds(runners, src, cfg.bench).items():
+                columns[name].update(numbers)
         res.step["seconds"] = round(time.time() - t0, 1)
         rep = report.build(command, str(src.path), str(stage.final), columns, res.step, res.notes)
         report.write(stage.tmp, rep)
