@@ -121,7 +121,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     texts = generate_from_run(
         args.run, args.prompt, checkpoint=args.checkpoint, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, runtime=args.runtime,
     )
     for prompt, text in zip(args.prompt, texts):
         print(prompt + text)
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run the graph `lmforge compress export` wrote into the run (CPU)")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("config", help="validate a config and print it fully resolved (defaults and presets filled)")

@@ -20,10 +20,12 @@ def find_tokenizer(run: Path, data_path: Optional[str]):
     raise ConfigError(f"no tokenizer.json in run folder {run} or in data.path={data_path}")
 
 
-def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "cpu"):
+def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "cpu", runtime: str = "torch"):
     """→ (model in eval mode, tokenizer, config, checkpoint used): ``checkpoint`` when given, else the run's
     newest checkpoint that verifies (``lmforge.checkpoint.resolve_source``). A run written by ``lmforge compress``
-    records what was done in ``compression.json``; its quantized layers are rebuilt here (``compress.restore``)."""
+    records what was done in ``compression.json``; its quantized layers are rebuilt here (``compress.restore``).
+    ``runtime="onnxruntime"``: the model is the run's exported ONNX decode graph run by ONNX Runtime (CPU), with
+    the interface ``models.generate`` uses."""
     from lmforge.checkpoint import load_model_weights, resolve_source
     from lmforge.compress.restore import after_weights, before_weights, recorded_steps
     from lmforge.models import build_model
@@ -41,6 +43,10 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str 
     load_model_weights(model, ckpt)
     after_weights(model, steps)
     model.eval()
+    if runtime == "onnxruntime":
+        from lmforge.compress.restore import onnx_model
+
+        model = onnx_model(run, "decode", cfg.model)
     return model, find_tokenizer(run, cfg.data.path), cfg, ckpt
 
 
@@ -48,11 +54,11 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str 
 def generate_from_run(run_dir: str, prompts: list[str], checkpoint: Optional[str] = None, max_new_tokens: int = 128,
                       temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
                       repetition_penalty: float = 1.0, seed: Optional[int] = 0,
-                      stop: Optional[list[str]] = None) -> list[str]:
+                      stop: Optional[list[str]] = None, runtime: str = "torch") -> list[str]:
     """Generate a continuation for each prompt; returns the new text only (cut at the first stop string)."""
     from lmforge.models.generate import generate
 
-    model, tok, cfg, _ = load_run(run_dir, checkpoint)
+    model, tok, cfg, _ = load_run(run_dir, checkpoint, runtime=runtime)
     ids = [tok.encode(p) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ConfigError("generate: a prompt encodes to zero tokens; give at least one character")

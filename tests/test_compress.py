@@ -175,6 +175,12 @@ def test_export_parity_and_decode(run, tmp_path, fmt):
     prompt = [[5, 9, 12, 40]]
     assert generate(runner, prompt, 6, temperature=0.0) == generate(model, prompt, 6, temperature=0.0)
     assert rep["columns"]["export"]["val_ppl"] == pytest.approx(rep["columns"]["source"]["val_ppl"], rel=1e-4)
+    if fmt == "onnx":  # generate's ONNX Runtime option runs the exported graph
+        from lmforge.inference import generate_from_run
+
+        kw = dict(max_new_tokens=5, temperature=0.0)
+        assert generate_from_run(str(tmp_path / "e"), ["the king"], runtime="onnxruntime", **kw) == \
+            generate_from_run(str(tmp_path / "e"), ["the king"], **kw)
 
 
 def test_export_onnx_int8(run, tmp_path):

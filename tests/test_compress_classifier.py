@@ -87,6 +87,11 @@ def test_structured_prune_and_distill_classifier(ft_run, tmp_path, capsys):
 
 
 def test_export_classifier_parity(ft_run, tmp_path):
+    from lmforge.finetune.evaluation import evaluate_run
+
     rep = _compress("export", ft_run, tmp_path / "e")
     assert rep["step"]["parity_max_abs"]["classifier"] <= 1e-4
     assert rep["columns"]["export"]["val_accuracy"] == rep["columns"]["source"]["val_accuracy"]
+    dev = str(ft_run / "dev.tsv")
+    ort = evaluate_run(str(tmp_path / "e"), dev, show=False, runtime="onnxruntime")
+    assert ort["accuracy"] == evaluate_run(str(tmp_path / "e"), dev, show=False)["accuracy"]

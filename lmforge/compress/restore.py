@@ -51,3 +51,32 @@ def after_weights(model: nn.Module, steps: list[dict]) -> None:
                 want = step["kernel"]
             kernel, _ = choose_kernel(model, want)
             prepare_all(model, kernel)
+
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def exported_graph(run_dir: str | Path, kind: str) -> Path:
+    """The ONNX graph an ``export`` step wrote into a run folder (``kind``: decode | classifier), its
+    ONNX-Runtime-quantized version when there is one."""
+    from lmforge.errors import ConfigError
+
+    for step in reversed(recorded_steps(run_dir)):
+        if step.get("method") == "export" and step.get("format") == "onnx":
+            files = {**step.get("files", {}), **step.get("quantized_files", {})}
+            if kind in files:
+                return Path(run_dir) / files[kind]
+    raise ConfigError(f"--runtime onnxruntime: {run_dir} holds no exported ONNX {kind} graph",
+                      hint=f"write one with `lmforge compress export {run_dir} --out OUT` and use OUT")
+
+
+def onnx_model(run_dir: str | Path, kind: str, lm_cfg=None) -> nn.Module:
+    """The run's exported graph run by ONNX Runtime behind the model interface its callers use
+    (``models.generate`` for decoders, ``finetune.evaluation`` for classifiers)."""
+    from lmforge.compress import graphs
+
+    path = exported_graph(run_dir, kind)
+    if kind == "decode":
+        forward = path.with_name(path.name.replace("decode", "forward", 1))
+        return graphs.ort_decoder(path, lm_cfg, forward_path=forward if forward.is_file() else None)
+    return graphs.ort_classifier(path)

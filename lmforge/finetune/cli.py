@@ -31,7 +31,8 @@ def _cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"evaluate: unexpected arguments {' '.join(extra)}")
     from lmforge.finetune.evaluation import evaluate_run
 
-    evaluate_run(args.run, args.data, name=args.name, max_examples=args.max_examples, batch_size=args.batch_size)
+    evaluate_run(args.run, args.data, name=args.name, max_examples=args.max_examples, batch_size=args.batch_size,
+                 runtime=args.runtime)
     return 0
 
 
@@ -48,4 +49,6 @@ def add_finetune_commands(subparsers) -> None:
     e.add_argument("--name", default="eval", help="report file name stem (default: eval)")
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: score the classifier graph `lmforge compress export` wrote into the run")
     e.set_defaults(func=_cmd_evaluate)

@@ -90,8 +90,9 @@ def majority_baseline(train: list[dict], evalset: list[dict], task: str) -> Opti
 
 
 def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples: Optional[int] = None,
-                 batch_size: Optional[int] = None, show: bool = True) -> dict:
-    """Score a finished fine-tuning run's best weights on any file; writes ``reports/{name}.*``."""
+                 batch_size: Optional[int] = None, show: bool = True, runtime: str = "torch") -> dict:
+    """Score a finished fine-tuning run's best weights on any file; writes ``reports/{name}.*``.
+    ``runtime="onnxruntime"``: score the classifier graph ``lmforge compress export`` wrote into the run."""
     import json
     from pathlib import Path
 
@@ -126,7 +127,12 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
     if max_examples:
         examples = examples[:max_examples]
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    rep = evaluate_examples(applied.model, examples, cfg.task, labels, pad_id, batch_size or cfg.train.eval_batch_size,
+    model = applied.model
+    if runtime == "onnxruntime":
+        from lmforge.compress.restore import onnx_model
+
+        model = onnx_model(run, "classifier")
+    rep = evaluate_examples(model, examples, cfg.task, labels, pad_id, batch_size or cfg.train.eval_batch_size,
                             cfg.train.precision)
     rep["data"] = str(data_file)
     write_report(rep, run / "reports", name, title=f"{name}: {Path(data_file).name}")
