@@ -59,7 +59,7 @@ def train_teacher(out: Path, data: Path, a) -> Path:
         model.update(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=192)
     cfg = build_config({"run_dir": str(run), "model": model, "data": {"path": str(data), "seq_len": a.seq_len},
                         "optimizer": {"lr": 1e-3, "weight_decay": 0.1}, "scheduler": {"warmup_steps": 20},
-                        "training": {"max_steps": a.lm_steps, "micro_batch_size": 16, "eval_every": 0,
+                        "training": {"max_steps": a.lm_steps, "micro_batch_size": 8, "eval_every": 0,
                                      "eval_batches": 10, "precision": "auto", "device": "cpu"},
                         "checkpoint": {"every_steps": 0}, "logging": {"log_every": 25, "progress": False,
                                                                       "tensorboard": False, "report": False}})
@@ -107,7 +107,7 @@ def job(name: str, method: str, source: Path, out: Path, over: list[str], a) -> 
 def lm_jobs(a) -> list[tuple[str, str, str, list[str]]]:
     """(name, method, source key, overrides); source key: teacher or a previous job's output."""
     st, rec = str(a.distill_steps), str(a.recover_steps)
-    train = ["--train.batch_size=16", "--train.lr=5e-4", "--train.warmup_steps=10"]
+    train = ["--train.batch_size=8", "--train.lr=5e-4", "--train.warmup_steps=10"]
     return [
         ("int8_weight", "quantize", "teacher", ["--quantize.scheme=int8_weight"]),
         ("int8_dynamic", "quantize", "teacher", ["--quantize.scheme=int8_dynamic"]),
@@ -212,12 +212,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/compress_table")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lm-steps", type=int, default=300)
+    ap.add_argument("--lm-steps", type=int, default=150)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--distill-steps", type=int, default=150)
-    ap.add_argument("--recover-steps", type=int, default=60)
-    ap.add_argument("--sst2-examples", type=int, default=4000)
-    ap.add_argument("--cls-distill-steps", type=int, default=150)
+    ap.add_argument("--distill-steps", type=int, default=60)
+    ap.add_argument("--recover-steps", type=int, default=30)
+    ap.add_argument("--sst2-examples", type=int, default=2000)
+    ap.add_argument("--cls-distill-steps", type=int, default=120)
     ap.add_argument("--skip-sst2", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the wiring in about a minute")
     ap.add_argument("--reuse", action="store_true")

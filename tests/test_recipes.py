@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.compress.config import load_compress_config
 from lmforge.config import load_config
 from lmforge.data.config import load_prepare_config
 from lmforge.finetune.config import load_finetune_config
@@ -21,13 +22,15 @@ CONFIGS = REPO / "configs"
 DATA = Path(os.environ.get("LMFORGE_DATA", REPO.parent / "shared" / "data"))
 SHARED = "../shared/data"  # how recipes and docs name the shared data (relative to the repository root)
 
-TRAIN, FINETUNE, PREPARE = "train", "finetune", "prepare"
+TRAIN, FINETUNE, PREPARE, COMPRESS = "train", "finetune", "prepare", "compress"
 RECIPES = {
     "quickstart.yaml": TRAIN, "char-shakespeare.yaml": TRAIN, "char-shakespeare.prepare.yaml": PREPARE,
     "llama-125m.yaml": TRAIN, "llama-125m-8gpu-zero3.yaml": TRAIN, "bert-mlm.yaml": TRAIN,
     "bert-mlm.prepare.yaml": PREPARE, "sst2-lora.yaml": FINETUNE, "conll-ner.yaml": FINETUNE, "sft.yaml": FINETUNE,
+    "compress.yaml": COMPRESS,
 }
-LOADERS = {TRAIN: load_config, FINETUNE: load_finetune_config, PREPARE: load_prepare_config}
+LOADERS = {TRAIN: load_config, FINETUNE: load_finetune_config, PREPARE: load_prepare_config,
+           COMPRESS: load_compress_config}
 QUIET = {"tensorboard": False, "progress": False, "report": False}
 
 
