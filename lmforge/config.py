@@ -44,6 +44,8 @@ class ModelConfig(Section):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: Optional[int] = Field(None, ge=1, description="None: same as n_heads (no GQA)")
+    head_dim: Optional[int] = Field(None, ge=1, description="size of each attention head; None: d_model / n_heads "
+                                    "(structured head pruning sets it: n_heads · head_dim may then be < d_model)")
     ffn_hidden: Optional[int] = Field(None, ge=1, description="None: ~8/3·d_model rounded up to 64")
     max_seq_len: int = Field(512, ge=1)
     rope_theta: float = Field(10000.0, gt=0)
@@ -57,16 +59,19 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={kv}")
-        if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} must be even for RoPE"
-            )
+        if self.arch == "llama" and self.dims_per_head % 2:
+            raise ValueError(f"head dim (model.head_dim, or model.d_model/model.n_heads)={self.dims_per_head} must "
+                             "be even for RoPE")
         return self
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
 
 class DataConfig(Section):

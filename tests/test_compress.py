@@ -116,6 +116,16 @@ def test_structured_pruning_shrinks_and_recovers(run, tmp_path):
     assert not (tmp_path / "s" / ".work").exists()
 
 
+def test_structured_head_pruning_keeps_kv_groups(run, tmp_path):
+    _compress("prune", run, tmp_path / "h", "--prune.method=structured", "--prune.ffn_fraction=0",
+              "--prune.heads_fraction=0.5", "--bench.enabled=false")
+    model, _, cfg, _ = load_run(tmp_path / "h")  # tiny: 4 query heads over 2 key/value heads of 16 dims
+    assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.head_dim) == (2, 1, 16)
+    att = model.layers[0].attention
+    assert att.wq.weight.shape == (32, 64) and att.wk.weight.shape == (16, 64) and att.wo.weight.shape == (64, 32)
+    assert torch.isfinite(model(torch.tensor([[5, 9, 12]]))).all()
+
+
 def test_distill_student_and_baseline(run, tmp_path):
     rep = _compress("distill", run, tmp_path / "d", "--distill.n_layers=1", "--train.steps=3", "--distill.baseline=true",
                     "--distill.hidden_weight=0.5")

@@ -85,7 +85,7 @@ class ClassifierGraph(nn.Module):
 
 def cache_shape(lm: nn.Module, B: int, S: int) -> tuple[int, ...]:
     c = lm.cfg
-    return (c.n_layers, B, c.n_kv_heads or c.n_heads, S, c.d_model // c.n_heads)
+    return (c.n_layers, B, c.n_kv_heads or c.n_heads, S, c.dims_per_head)
 
 
 def empty_past(lm: nn.Module, B: int, S: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ class GraphDecoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int = 0, device=None) -> _GraphCache:
         c = self.cfg
-        shape = (c.n_layers, batch_size, c.n_kv_heads or c.n_heads, 0, c.d_model // c.n_heads)
+        shape = (c.n_layers, batch_size, c.n_kv_heads or c.n_heads, 0, c.dims_per_head)
         k, v = torch.zeros(shape), torch.zeros(shape)
         return _GraphCache(k.numpy(), v.numpy()) if self.numpy else _GraphCache(k, v)
 

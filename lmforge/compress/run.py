@@ -60,6 +60,9 @@ def method(name: str) -> Callable[[Context], Result]:
 def compress(command: str, cfg) -> dict:
     """Run ``command`` (quantize | prune | distill | export) on ``cfg.source``; returns the report."""
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notes
+    from lmforge.compress.qlinear import quiet_torchao
+
+    quiet_torchao()  # imported once, quietly (peft imports it too when it is installed)
     run_method = method(command)
     if not cfg.source:
         raise ConfigError("source: no SOURCE folder given")

@@ -1,10 +1,13 @@
-"""Structured pruning: whole FFN channels removed, the matrices really shrunk, then a recovery fine-tune.
+"""Structured pruning: whole FFN channels and attention heads removed, the matrices really shrunk, then a
+recovery fine-tune.
 
 Channel score (per layer, f an FFN hidden channel): s_f = ‖h_f‖₂ · ‖W_down[:, f]‖₂, where h is the FFN's hidden
 activation (the input of its down projection: silu(w1 x) ⊙ w3 x for Llama, act(fc x) for GPT-2 / BERT) over the
 calibration tokens: removing channel f deletes exactly the term W_down[:, f] h_f from the block's output. Every
 layer keeps the same k = F − round(F · prune.ffn_fraction) highest-scoring channels, so the result is an
-ordinary model whose config says ``ffn_hidden: k`` and whose checkpoint loads as any run.
+ordinary model whose config says ``ffn_hidden: k`` and whose checkpoint loads as any run. Heads likewise:
+s_h = ‖o_h‖₂ · ‖W_o[:, h]‖_F with o_h head h's attention output (the input of ``wo``); every layer keeps the
+same number (whole key/value groups under GQA) and the config says ``n_heads``, ``head_dim``.
 
 The recovery fine-tune (``prune.recover_steps``) goes through the one training loop (``trainjobs``).
 
@@ -59,6 +62,34 @@ def shrink_ffn(lm: nn.Module, norms: dict[int, torch.Tensor], fraction: float) -
     return F_, k
 
 
+def shrink_heads(lm: nn.Module, norms: dict[int, torch.Tensor], fraction: float) -> tuple[int, int]:
+    """Remove the lowest-scoring attention heads of every layer in place (whole key/value groups under GQA, so
+    every kept query head keeps its key/value head); returns (H, kept H). ``norms[i]``: ‖x‖₂ per input feature
+    of layer i's output projection ``wo``, i.e. per (head, dim) of the attention output."""
+    cfg = lm.cfg
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dims_per_head
+    rep, keep_groups = H // K, K - round(K * fraction)
+    if keep_groups < 1:
+        raise ConfigError(f"prune.heads_fraction={fraction} removes every attention head ({H} per layer, "
+                          f"{K} key/value groups)")
+    for i, block in enumerate(lm.layers):
+        att = block.attention
+        wo_DHd = att.wo.weight.detach().float().reshape(-1, H, Dh)
+        score_H = norms[i].reshape(H, Dh).norm(dim=1) * wo_DHd.norm(dim=(0, 2))
+        groups = score_H.reshape(K, rep).sum(1).topk(keep_groups).indices.sort().values
+        heads = (groups[:, None] * rep + torch.arange(rep)).flatten()
+        q_rows = (heads[:, None] * Dh + torch.arange(Dh)).flatten()
+        kv_rows = (groups[:, None] * Dh + torch.arange(Dh)).flatten() if K != H else q_rows
+        att.wq, att.wk, att.wv = _shrunk(att.wq, q_rows, 0), _shrunk(att.wk, kv_rows, 0), _shrunk(att.wv, kv_rows, 0)
+        att.wo = _shrunk(att.wo, q_rows, 1)
+        att.n_heads = len(heads)
+        if hasattr(att, "n_kv_heads"):
+            att.n_kv_heads = len(groups)
+    kv = None if cfg.n_kv_heads is None else keep_groups
+    lm.cfg = cfg.model_copy(update={"n_heads": keep_groups * rep, "n_kv_heads": kv, "head_dim": Dh})
+    return H, keep_groups * rep
+
+
 def _attr(owner: nn.Module, child: nn.Module) -> str:
     return next(n for n, m in owner.named_children() if m is child)
 
@@ -68,21 +99,27 @@ def structured(ctx):
     from lmforge.compress.run import Result
 
     pc, src = ctx.cfg.prune, ctx.src
-    if pc.heads_fraction:
-        raise ConfigError(f"prune.heads_fraction={pc.heads_fraction}: head pruning needs a model.head_dim key the "
-                          "model configs do not have yet (d_model / n_heads fixes the head size); prune FFN "
-                          "channels (prune.ffn_fraction) for now")
-    if pc.ffn_fraction <= 0:
-        raise ConfigError("prune.ffn_fraction=0 removes nothing; give a share in (0, 1)")
+    if pc.ffn_fraction <= 0 and pc.heads_fraction <= 0:
+        raise ConfigError("prune.ffn_fraction=0 and prune.heads_fraction=0 remove nothing; give a share in (0, 1)")
     model = src.copy_model()
     lm = model if src.kind == "lm" else model.backbone.model
-    downs = {f"layers.{i}.down": ffn_parts(b)[1] for i, b in enumerate(lm.layers)}
-    norms = input_norms(model, downs, calibration_batches(ctx, pc.calib_batches), src.kind)
-    F_, k = shrink_ffn(lm, {i: norms[f"layers.{i}.down"] for i in range(len(lm.layers))}, pc.ffn_fraction)
-    notes = [f"FFN channels {F_} → {k} per layer (score ‖h_f‖·‖W_down[:, f]‖); the config says ffn_hidden: {k}",
-             calibration_note(src.kind, pc.calib_batches)]
-    step = {"method": "prune", "prune": "structured", "ffn_fraction": pc.ffn_fraction, "ffn_hidden": [F_, k],
-            "recover_steps": pc.recover_steps}
+    taps = {f"{i}.down": ffn_parts(b)[1] for i, b in enumerate(lm.layers)}
+    taps.update({f"{i}.wo": b.attention.wo for i, b in enumerate(lm.layers)})
+    norms = input_norms(model, taps, calibration_batches(ctx, pc.calib_batches), src.kind)
+    n = len(lm.layers)
+    step = {"method": "prune", "prune": "structured", "ffn_fraction": pc.ffn_fraction,
+            "heads_fraction": pc.heads_fraction, "recover_steps": pc.recover_steps}
+    notes = []
+    if pc.ffn_fraction > 0:
+        F_, k = shrink_ffn(lm, {i: norms[f"{i}.down"] for i in range(n)}, pc.ffn_fraction)
+        step["ffn_hidden"] = [F_, k]
+        notes.append(f"FFN channels {F_} → {k} per layer (score ‖h_f‖·‖W_down[:, f]‖); config ffn_hidden: {k}")
+    if pc.heads_fraction > 0:
+        H, kh = shrink_heads(lm, {i: norms[f"{i}.wo"] for i in range(n)}, pc.heads_fraction)
+        step["n_heads"] = [H, kh]
+        notes.append(f"attention heads {H} → {kh} per layer (score ‖o_h‖·‖W_o[:, h]‖, o_h the head's output); "
+                     f"config n_heads: {kh}, head_dim: {lm.cfg.head_dim}")
+    notes.append(calibration_note(src.kind, pc.calib_batches))
     extra = {}
     if pc.recover_steps:
         from lmforge.compress.trainjobs import done, train_classifier, train_lm, work_dir

@@ -56,7 +56,7 @@ class LmforgeBackbone(nn.Module):
             raise ConfigError("method.name=prefix needs a decoder base with a KV cache (lmforge Llama / GPT-2); "
                               "for encoders use lora, adalora or adapter")
         c = self.model.cfg
-        self.prefix = PrefixKV(c.n_layers, c.n_kv_heads or c.n_heads, prefix_len, c.d_model // c.n_heads,
+        self.prefix = PrefixKV(c.n_layers, c.n_kv_heads or c.n_heads, prefix_len, c.dims_per_head,
                                c.init_std).to(self.model.tok_embeddings.weight.device)
         return self.prefix
 

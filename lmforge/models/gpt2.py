@@ -27,9 +27,10 @@ class BiasedAttention(SelfAttention):
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
-        d = cfg.d_model
-        self.n_heads, self.head_dim, self.dropout, self.causal = cfg.n_heads, d // cfg.n_heads, cfg.dropout, causal
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))
+        d, inner = cfg.d_model, cfg.n_heads * cfg.dims_per_head  # inner < d after structured head pruning
+        self.n_heads, self.head_dim, self.dropout, self.causal = cfg.n_heads, cfg.dims_per_head, cfg.dropout, causal
+        self.wq, self.wk, self.wv = (nn.Linear(d, inner) for _ in range(3))
+        self.wo = nn.Linear(inner, d)
 
     def forward(self, x_BTD, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 layer_idx: int = 0) -> torch.Tensor:

@@ -35,7 +35,7 @@ class Attention(SelfAttention):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = cfg.dims_per_head
         self.dropout = cfg.dropout
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -96,7 +96,7 @@ class Llama(Decoder):
         super().__init__(cfg, TransformerBlock, lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
 
     def _build_positions(self) -> None:
-        self.head_dim = self.cfg.d_model // self.cfg.n_heads
+        self.head_dim = self.cfg.dims_per_head
         cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -37,7 +37,13 @@ def config_from_hf(c: dict, src: str) -> ModelConfig:
                        tie_embeddings=True, init_std=c.get("initializer_range", 0.02))
 
 
+def _no_pruned_heads(cfg: ModelConfig) -> None:
+    require(cfg.dims_per_head * cfg.n_heads == cfg.d_model, f"model.head_dim={cfg.head_dim} × model.n_heads="
+            f"{cfg.n_heads} != model.d_model={cfg.d_model}: the HF {cfg.arch} config cannot state pruned heads")
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str, nsp: bool) -> dict:
+    _no_pruned_heads(cfg)
     return {"architectures": ["BertForPreTraining" if nsp else "BertForMaskedLM"], "model_type": "bert",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.ffn_hidden or 4 * cfg.d_model,

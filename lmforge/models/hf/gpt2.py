@@ -24,7 +24,13 @@ def config_from_hf(c: dict, src: str) -> ModelConfig:
                        activation=_ACT_FROM_HF[act], init_std=c.get("initializer_range", 0.02))
 
 
+def _no_pruned_heads(cfg: ModelConfig) -> None:
+    require(cfg.dims_per_head * cfg.n_heads == cfg.d_model, f"model.head_dim={cfg.head_dim} × model.n_heads="
+            f"{cfg.n_heads} != model.d_model={cfg.d_model}: the HF {cfg.arch} config cannot state pruned heads")
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    _no_pruned_heads(cfg)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_hidden or
             4 * cfg.d_model, "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,

@@ -29,7 +29,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     h = cfg.n_heads
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": h, "num_key_value_heads": cfg.n_kv_heads or h, "head_dim": cfg.d_model // h,
+            "num_attention_heads": h, "num_key_value_heads": cfg.n_kv_heads or h, "head_dim": cfg.dims_per_head,
             "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
