@@ -135,7 +135,7 @@ def test_distill_student_and_baseline(run, tmp_path):
     assert all(rep["columns"][c]["val_ppl"] > 1 for c in rep["columns"])
 
 
-def test_distill_loss_equals_hand_computation():
+def test_distill_loss_equals_hand_computation(tmp_path):
     from lmforge.compress.kd import DistillObjective
 
     torch.manual_seed(0)
@@ -170,6 +170,11 @@ def test_distill_loss_equals_hand_computation():
     assert obj.weight({"labels": labels}) == float(keep.sum())
     got.backward()
     assert student.weight.grad is not None and teacher.weight.grad is None
+    cached = DistillObjective(LM(teacher), "lm", alpha, temp, [], cache_dir=tmp_path / "cache")
+    batch = {"input_ids": ids, "labels": labels}
+    first = cached.loss_sum(LM(student), batch, torch.device("cpu"))
+    again = cached.loss_sum(LM(student), batch, torch.device("cpu"))  # the same batch: teacher logits from disk
+    assert (cached.hits, cached.misses) == (1, 1) and torch.allclose(first, got) and torch.allclose(again, got)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
