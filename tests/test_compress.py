@@ -175,6 +175,9 @@ def test_distill_loss_equals_hand_computation(tmp_path):
     first = cached.loss_sum(LM(student), batch, torch.device("cpu"))
     again = cached.loss_sum(LM(student), batch, torch.device("cpu"))  # the same batch: teacher logits from disk
     assert (cached.hits, cached.misses) == (1, 1) and torch.allclose(first, got) and torch.allclose(again, got)
+    swapped = {"input_ids": ids.flip(0), "labels": labels.flip(0)}  # the same rows reshuffled: still cached
+    assert torch.allclose(cached.loss_sum(LM(student), swapped, torch.device("cpu")), got, atol=1e-5)
+    assert cached.hits == 2
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])

@@ -14,8 +14,9 @@ CE's (Hinton et al. 2015). The step divides by Σ weight, so the mean is over ta
 Classifiers' CE (and ``weight``) come from ``TaskObjective`` (class weights included); the KL term is not
 class-weighted.
 
-The teacher runs in eval mode under ``torch.inference_mode``; its logits can be cached on disk keyed by the
-batch's token ids (sha1), so repeated batches (epochs over a fixed set) skip the teacher. Hidden / attention
+The teacher runs in eval mode under ``torch.inference_mode``; its logits can be cached on disk, one file per
+row keyed by the sha1 of the row's real tokens, so a batch whose rows were all seen before (epochs over a fixed
+set, reshuffled or not) skips the teacher. Hidden / attention
 transfer needs the teacher's activations, so it runs the teacher every time.
 
 Legend: B batch, T tokens, V vocab (or K classes), D d_model.
@@ -33,7 +34,7 @@ from torch import nn
 
 from lmforge.models.losses import IGNORE_INDEX
 
-CACHE_LIMIT_BYTES = 8 << 20  # a batch's teacher logits larger than this are not cached (decoder vocabularies)
+CACHE_LIMIT_BYTES = 4 << 20  # a row's teacher logits larger than this are not cached (long decoder windows)
 
 
 def lm_of(model: nn.Module) -> nn.Module:
@@ -84,29 +85,34 @@ class DistillObjective:
             return model(ids)
         return model(ids, batch["attention_mask"].to(device))
 
-    def _key(self, batch: dict) -> str:
-        h = hashlib.sha1()
-        for k in ("input_ids", "attention_mask"):
-            if k in batch:
-                t = batch[k].contiguous().cpu()
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.numpy().tobytes())
-        return h.hexdigest()
+    @staticmethod
+    def _row_keys(batch: dict) -> list[str]:
+        """One key per row: sha1 of its real tokens (padding excluded), so a row hits the cache in any batch."""
+        ids = batch["input_ids"].cpu()
+        mask = batch.get("attention_mask")
+        keys = []
+        for i in range(ids.shape[0]):
+            row = ids[i][mask[i].bool().cpu()] if mask is not None else ids[i]
+            keys.append(hashlib.sha1(row.contiguous().numpy().tobytes()).hexdigest())
+        return keys
 
     def teacher_logits(self, batch: dict, device) -> torch.Tensor:
-        path = self.cache_dir / f"{self._key(batch)}.pt" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
+        keys = self._row_keys(batch) if self.cache_dir is not None else []
+        paths = [self.cache_dir / f"{k}.pt" for k in keys]
+        if paths and all(p.is_file() for p in paths):
             self.hits += 1
-            return torch.load(path, map_location=device, weights_only=True)
+            rows = [torch.load(p, map_location=device, weights_only=True) for p in paths]
+            return torch.stack([r[: batch["input_ids"].shape[1]] if r.dim() > 1 else r for r in rows])
         with torch.inference_mode():
             z_t = self._forward(self.teacher, batch, device).float()
         z_t = z_t.clone()  # an ordinary tensor: it enters the student's autograd graph as a constant
         self.misses += 1
-        if path is not None and z_t.numel() * 4 <= CACHE_LIMIT_BYTES:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(z_t.cpu(), tmp)
-            tmp.replace(path)
+        if paths and z_t[0].numel() * 4 <= CACHE_LIMIT_BYTES:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for p, row in zip(paths, z_t.cpu()):
+                tmp = p.with_suffix(".tmp")
+                torch.save(row.clone(), tmp)
+                tmp.replace(p)
         return z_t
 
     def loss_sum(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
