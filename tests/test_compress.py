@@ -230,6 +230,17 @@ def test_bad_source_and_existing_out(run, tmp_path, capsys):
     assert "exists already" in capsys.readouterr().err
 
 
+def test_interrupted_fine_tune_publishes_nothing(run, tmp_path, monkeypatch):
+    """A signal during the recovery fine-tune stops the loop gracefully; compress then refuses to publish."""
+    from lmforge.training import loop
+
+    real = loop.stop_reason
+    monkeypatch.setattr(loop, "stop_reason", lambda st, lim, out, early, sig: real(st, lim, out, early, "SIGTERM"))
+    with pytest.raises(Exception, match="stopped early"):
+        _compress("prune", run, tmp_path / "o", "--prune.method=structured", "--prune.recover_steps=3")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
+
+
 def test_failed_compression_leaves_no_output(run, tmp_path, monkeypatch):
     """A failure after the weights were written (here: the reload check) publishes nothing; a stale staging
     folder of a dead process (a kill) never loads as the output and is swept by the next run."""

@@ -28,6 +28,18 @@ def done(ctx) -> None:
     shutil.rmtree(ctx.stage.tmp / ".work", ignore_errors=True)
 
 
+def finished(summary: dict) -> dict:
+    """The summary of a training run that ended as asked (steps or ``train.max_minutes``); a run stopped by a
+    signal or by non-finite losses is an error, so the staging folder is dropped and nothing is published."""
+    from lmforge.errors import CheckpointError
+
+    reason = str(summary.get("stop_reason") or "")
+    if reason.startswith("signal_") or reason in ("non_finite", "fp16_underflow"):
+        raise CheckpointError(f"the compress fine-tune stopped early ({reason}) after {summary.get('steps')} steps; "
+                              "nothing was published")
+    return summary
+
+
 def lm_config(src_cfg, tc, run_dir: Path, model_cfg):
     """The source run's config, retargeted: ``run_dir``, the (smaller) ``model_cfg``, ``train.*`` settings, one
     checkpoint at the end, no progress bar / tensorboard / HTML report."""
@@ -67,7 +79,7 @@ def train_lm(ctx, init: nn.Module, run_dir: Path, objective=None, convert: Optio
         holder["model"] = model
 
     summary = train(cfg, prepare=prepare, objective=objective)
-    return holder["model"].eval(), summary
+    return holder["model"].eval(), finished(summary)
 
 
 def train_classifier(ctx, task_model: nn.Module, run_dir: Path, objective=None,
@@ -108,4 +120,4 @@ def train_classifier(ctx, task_model: nn.Module, run_dir: Path, objective=None,
 
     summary = finetune(cfg, prepare=prepare, objective=objective)
     shutil.rmtree(base, ignore_errors=True)
-    return holder["model"].eval(), summary
+    return holder["model"].eval(), finished(summary)
