@@ -70,6 +70,15 @@ def test_quantize_loads_as_a_run(run, tmp_path, scheme):
     assert main(["hf", "export", str(tmp_path / "q"), str(tmp_path / "hf")]) == 0  # written dequantized
 
 
+def test_hf_folder_source(run, tmp_path):
+    """An HF folder compresses like a run (its perplexity on --eval.data) and the output is an lmforge run."""
+    assert main(["hf", "export", str(run), str(tmp_path / "hf")]) == 0
+    data = load_run(run)[2].data.path
+    rep = _compress("quantize", tmp_path / "hf", tmp_path / "q", f"--eval.data={data}", "--bench.enabled=false")
+    assert rep["columns"]["quantize"]["val_ppl"] == pytest.approx(rep["columns"]["source"]["val_ppl"], rel=0.02)
+    assert (tmp_path / "q" / "config.yaml").is_file() and load_run(tmp_path / "q")[0] is not None
+
+
 def test_quantize_kernels_compute_the_stored_weights():
     """Every kernel computes x·(qweight·scale)ᵀ + b (fbgemm quantizes activations too: a looser bound)."""
     from lmforge.compress.qlinear import QuantizedLinear, swap_in

@@ -26,7 +26,7 @@ def add_compress_commands(subparsers) -> None:
                               "or HF folder); writes a loadable run folder with report.{json,md,html}")
     sub = c.add_subparsers(dest="compress_command", metavar="METHOD", required=True)
     helps = {"quantize": "int8 weight-only / int8 dynamic (torchao; kernel chosen per machine), QAT",
-             "prune": "unstructured magnitude / Wanda, 2:4, structured FFN channels (+ recovery fine-tune)",
+             "prune": "unstructured magnitude / Wanda, 2:4, structured FFN channels and heads (+ recovery)",
              "distill": "a shallower student from the teacher's layers, trained on KL + hard labels",
              "export": "torch.export (.pt2) or ONNX (+ ONNX Runtime quantizer), parity-checked"}
     for name in METHODS:
