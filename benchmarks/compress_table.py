@@ -117,7 +117,8 @@ def lm_jobs(a) -> list[tuple[str, str, str, list[str]]]:
         ("magnitude50", "prune", "teacher", ["--prune.method=magnitude", "--prune.sparsity=0.5"]),
         ("2of4", "prune", "teacher", ["--prune.method=2:4"]),
         ("structured30", "prune", "teacher", ["--prune.method=structured", "--prune.ffn_fraction=0.3",
-                                              f"--prune.recover_steps={rec}", *train]),
+                                              f"--prune.recover_steps={rec}", "--train.batch_size=8",
+                                              "--train.lr=1e-4", "--train.warmup_steps=5"]),  # the teacher's final lr
         ("student", "distill", "teacher", ["--distill.baseline=true", f"--train.steps={st}", "--distill.alpha=0.5",
                                            "--distill.temperature=2", "--distill.cache_teacher=false", *train]),
         ("student_int8", "quantize", "student", ["--quantize.scheme=int8_dynamic"]),
