@@ -183,7 +183,7 @@ def markdown(table: list[dict], kind: str) -> str:
                 "×", "val ppl", "Δppl"]
         keys = ("decode_tokens_per_s", "throughput_tokens_per_s", "val_ppl")
     else:
-        head = ["variant", "kernel / runtime", "file MB", "params M", "ex/s (b1)", "×", "ex/s (b32)", "×",
+        head = ["variant", "kernel / runtime", "file MB", "params M", "ex/s (b1)", "×", "ex/s (b8)", "×",
                 "dev acc", "Δacc"]
         keys = ("batch1_examples_per_s", "throughput_examples_per_s", "val_accuracy")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
