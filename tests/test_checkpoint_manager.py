@@ -20,17 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
-from fixtures.make_legacy_runs import tensor_sha256  # noqa: E402
+from tests.helpers.ranks import run_ranks
+from tests.fixtures.make_legacy_runs import tensor_sha256
 
-from lmforge.checkpoint import (CheckpointError, CheckpointManager, DictState, RNGState, complete_folders,  # noqa: E402
+from lmforge.checkpoint import (CheckpointError, CheckpointManager, DictState, RNGState, complete_folders,
                                 consolidate, full_weights, load_model_weights, newest_valid, read_manifest,
                                 read_state, resolve_source)
-from lmforge.config import build_config, load_config  # noqa: E402
-from lmforge.models import build_model  # noqa: E402
-from lmforge.training.optim import build_optimizer  # noqa: E402
-from lmforge.training.schedule import build_scheduler  # noqa: E402
+from lmforge.config import build_config, load_config
+from lmforge.models import build_model
+from lmforge.training.optim import build_optimizer
+from lmforge.training.schedule import build_scheduler
 
 FIX = Path(__file__).parent / "fixtures" / "legacy_v1"
 EXPECTED = json.loads((FIX / "expected.json").read_text())
@@ -601,6 +600,7 @@ def _assert_case(results, case, saved):
     _assert_same(_merged(results, case, "optim"), want_optim, f"{case}: optimizer")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", [c for c in LOADS if "legacy" not in c])
 def test_two_rank_checkpoints_reshard_across_strategies(world2, case):
     _, results = world2
@@ -619,6 +619,7 @@ def test_two_rank_checkpoints_reshard_across_strategies(world2, case):
     assert (resaved["manifest"]["world_size"], resaved["manifest"]["strategy"]) == (2, LOADS[case][1]["strategy"])
 
 
+@pytest.mark.multiprocess
 def test_legacy_fixtures_load_into_two_sharded_ranks(world2, tmp_path):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -641,6 +642,7 @@ def test_legacy_fixtures_load_into_two_sharded_ranks(world2, tmp_path):
     assert all(r["zero2<-legacy_single"]["loader"]["world_size"] == 1 for r in results)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_to_one_process_and_the_readers(world2, tmp_path):
     from safetensors.torch import load_file
 
@@ -666,6 +668,7 @@ def test_two_ranks_to_one_process_and_the_readers(world2, tmp_path):
                  saved["optim"], "read_state")
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_to_four(world2):
     out, results2 = world2
     loads = {"zero3x4<-zero3": ("zero3", dict(strategy="zero3"), True, None),
@@ -677,6 +680,7 @@ def test_two_ranks_to_four(world2):
         assert all(r[case]["loader"] == {"rank": 0} for r in results)  # new world size: rank 0's state
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_checkpoints_through_the_hook_and_zero_to_fp32(world2, tmp_path):
     from safetensors.torch import load_file
 
@@ -695,6 +699,7 @@ def test_deepspeed_checkpoints_through_the_hook_and_zero_to_fp32(world2, tmp_pat
     _assert_same(model.state_dict(), saved, "load_model_weights")
 
 
+@pytest.mark.multiprocess
 def test_legacy_zero3_run_resumes_on_two_ranks(world2):
     from safetensors.torch import load_file
 

@@ -4,18 +4,16 @@ bf16 parameters with fp32 master weights."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge import checkpoint as ckpt  # noqa: E402
-from lmforge.training.precision import DynamicLossScaler  # noqa: E402
-from lmforge.training.trainer import train  # noqa: E402
+from lmforge import checkpoint as ckpt
+from lmforge.training.precision import DynamicLossScaler
+from lmforge.training.trainer import train
 
 
 @pytest.fixture(scope="module")
