@@ -105,8 +105,8 @@ def test_an_out_of_range_id_names_shard_id_and_position(copy):
     with pytest.raises(DataError, match=rf"{name}: sha256 is .*token id 4000 at position 17 is >= the manifest's "
                                         r"vocab_size \d+"):
         TokenShards(copy, "train")
-    assert any(p.endswith(f"{name}: token id 4000 at position 17 >= vocab_size {json.loads((copy / 'manifest.json').read_text())['vocab_size']}")
-               for p in verify(copy))
+    vocab = json.loads((copy / "manifest.json").read_text())["vocab_size"]
+    assert any(p.endswith(f"{name}: token id 4000 at position 17 >= vocab_size {vocab}") for p in verify(copy))
 
 
 def test_missing_or_foreign_tokenizer_is_refused_at_open(copy):
