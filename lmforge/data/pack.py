@@ -289,6 +289,9 @@ def _clear_outputs(out: Path) -> None:
 def read_manifest(path: str | Path) -> dict:
     """Load and sanity-check ``manifest.json`` from a packed-data folder."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest.json in {path}: no such folder (expected a packed data folder written "
+                                f"by `lmforge data prepare`)")
     file = path / "manifest.json" if path.is_dir() else path
     if not file.is_file():
         hint = " (an interrupted prepare left progress.json; rerun it to finish)" if (file.parent / "progress.json").exists() else ""
