@@ -51,7 +51,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         for item in items:
             console.print(f"[dim]skipped {reason}: {item}[/]", markup=True, highlight=False)
     for warning in manifest.get("prepare", {}).get("warnings", []):
-        Console(stderr=True).print(f"[bold red]WARNING[/]: {warning}", markup=True, highlight=False)
+        print(f"WARNING: {warning}", file=sys.stderr)  # one unwrapped line, last, where it is seen
     return 0
 
 
