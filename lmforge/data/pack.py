@@ -207,28 +207,47 @@ def pack_documents(
             in_bytes += len(text.encode("utf-8", "surrogatepass"))
             yield text, split
 
-    for tokens, lengths, is_val in _tokenized(_batches(assigned(), batch_bytes or _BATCH_BYTES), tokenizer, dtype, num_workers):
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        if not is_val.any():
-            writers["train"].add(tokens, lengths)
-            continue
-        for split, mask in (("train", ~is_val), ("val", is_val)):
-            if mask.any():
-                sel = np.concatenate([tokens[a:b] for a, b in zip(starts[mask], ends[mask])])
-                writers[split].add(sel, lengths[mask])
+    for encoded in _tokenized(_batches(assigned(), batch_bytes or _BATCH_BYTES), tokenizer, dtype, num_workers):
+        _route(writers, *encoded)
     for w in writers.values():
         w.flush()
     if any(skip.values()):
         raise DataError(f"{out}: progress.json lists more finished documents than the input has "
                          f"({skip}); the input changed since the interrupted run; delete {progress_path} to start over")
-    splits = progress["splits"]
+    stats = {"seconds": round(time.time() - t0, 3), "tokenized_bytes": in_bytes}
+    manifest = _manifest(settings, tokenizer, progress["splits"], {**counts, "resumed_documents": resumed}, stats,
+                         extra, val_fraction, out)
+    _atomic_write_json(out / "manifest.json", manifest)
+    progress_path.unlink(missing_ok=True)
+    from lmforge.data.integrity import record
+
+    record(out, {n: (e["sha256"], w.max_ids[n]) for w in writers.values() for e in w.entries
+                 if (n := e["file"]) in w.max_ids}, dtype)
+    return manifest
+
+
+def _route(writers: dict, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray) -> None:
+    """Hand each encoded document of a batch to its split's writer, in order."""
+    if not is_val.any():
+        writers["train"].add(tokens, lengths)
+        return
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        if mask.any():
+            sel = np.concatenate([tokens[a:b] for a, b in zip(starts[mask], ends[mask])])
+            writers[split].add(sel, lengths[mask])
+
+
+def _manifest(settings: dict, tokenizer: Tokenizer, splits: dict, counts: dict, stats: dict, extra: Optional[dict],
+              val_fraction: float, out: Path) -> dict:
+    """The manifest of a finished pack; an empty train split is refused (and its outputs removed) instead."""
     if not splits["train"]:
         _clear_outputs(out)  # nothing that `data verify` or training would accept is left
         raise DataError(_empty_train_message(counts, val_fraction),
                         hint="give more documents (doc_mode paragraph or line splits a file into several), or set "
                              "output.val_fraction=0")
-    manifest = {
+    return {
         **settings,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
@@ -239,18 +258,11 @@ def pack_documents(
             "tokens": {s: sum(e["tokens"] for e in splits[s]) for s in SPLITS},
             "shards": {s: len(splits[s]) for s in SPLITS},
             "empty_skipped": counts["empty_skipped"],
-            "resumed_documents": resumed,
+            "resumed_documents": counts["resumed_documents"],
         },
-        "stats": {"seconds": round(time.time() - t0, 3), "tokenized_bytes": in_bytes},
+        "stats": stats,
         **(extra or {}),
     }
-    _atomic_write_json(out / "manifest.json", manifest)
-    progress_path.unlink(missing_ok=True)
-    from lmforge.data.integrity import record
-
-    record(out, {n: (e["sha256"], w.max_ids[n]) for w in writers.values() for e in w.entries
-                 if (n := e["file"]) in w.max_ids}, dtype)
-    return manifest
 
 
 def _empty_train_message(counts: dict, val_fraction: float) -> str:
