@@ -135,3 +135,32 @@ def test_read_only_folder_keeps_its_cache_under_the_user_cache_dir(copy, tmp_pat
 def test_verify_rehashes_whatever_the_cache_says(packed, scans):
     assert verify(packed) == []
     assert sorted(scans) == sorted(shard_names(packed) + shard_names(packed, "val"))
+
+
+def _open_counting(folder, log):  # in a forked child: every shard it hashes is appended to ``log``
+    import time
+
+    real = integrity.scan_shard
+
+    def slow(path, dtype, limit=None):
+        with open(log, "a") as f:
+            f.write(path.name + "\n")
+        time.sleep(0.1)  # both openers are surely inside the check at once
+        return real(path, dtype, limit)
+
+    integrity.scan_shard = slow
+    TokenShards(folder, "train")
+
+
+def test_concurrent_openers_hash_each_shard_once(copy, tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    log = tmp_path / "scans.txt"
+    procs = [ctx.Process(target=_open_counting, args=(copy, log)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(log.read_text().split()) == sorted(shard_names(copy))  # one process hashed, the other read the cache
