@@ -119,6 +119,12 @@ def test_missing_or_foreign_tokenizer_is_refused_at_open(copy):
         TokenShards(copy, "val")
 
 
+def test_a_re_saved_copy_of_the_same_tokenizer_is_accepted(copy):
+    tok = copy / "tokenizer.json"
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=2))  # other bytes, same tokenizer
+    assert len(TokenShards(copy, "train")) > 0
+
+
 def test_read_only_folder_keeps_its_cache_under_the_user_cache_dir(copy, tmp_path, monkeypatch, scans):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     real_access = os.access
