@@ -163,6 +163,18 @@ def _problem(folder: Path, e: dict, entry: dict, dtype: np.dtype, vocab_size: in
     return f"{f}: {bad}" if bad else None
 
 
+def tokenizer_sha256(tok: Path, want: str) -> str:
+    """``want`` when ``tok`` holds that tokenizer: its bytes (pack saves exactly the JSON it hashed), else the
+    parsed tokenizer's hash (a re-saved copy), so a ``tokenizers`` upgrade that serialises differently does
+    not refuse old folders."""
+    sha = hashlib.sha256(tok.read_bytes()).hexdigest()
+    if sha == want:
+        return sha
+    from lmforge.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok).sha256()
+
+
 def _check_tokenizer(folder: Path, manifest: dict, files: dict) -> None:
     tok = folder / "tokenizer.json"
     if not tok.is_file():
@@ -174,12 +186,7 @@ def _check_tokenizer(folder: Path, manifest: dict, files: dict) -> None:
     key = file_key(tok)
     entry = files.get("tokenizer.json")
     if not (isinstance(entry, dict) and entry.get("key") == key):
-        sha = hashlib.sha256(tok.read_bytes()).hexdigest()  # pack saved exactly the JSON it hashed
-        if sha != want:  # re-saved (e.g. pretty-printed): compare the tokenizer itself
-            from lmforge.data.tokenizer import load_tokenizer
-
-            sha = load_tokenizer(tok).sha256()
-        entry = files["tokenizer.json"] = {"key": key, "sha256": sha}
+        entry = files["tokenizer.json"] = {"key": key, "sha256": tokenizer_sha256(tok, want)}
     if entry["sha256"] != want:
         raise DataError(f"{tok}: not the tokenizer these shards were made with (its sha256 {entry['sha256']} is "
                         f"not manifest.json's tokenizer_sha256 {want})", hint=_FIX.format(folder=folder))

@@ -46,9 +46,7 @@ def verify(path: str | Path, check_ids: bool = True) -> list[str]:
     if not tok.is_file():
         problems.append(f"{tok}: missing")
     elif m.get("tokenizer_sha256"):
-        from lmforge.data.tokenizer import load_tokenizer
-
-        if load_tokenizer(tok).sha256() != m["tokenizer_sha256"]:
+        if integrity.tokenizer_sha256(tok, m["tokenizer_sha256"]) != m["tokenizer_sha256"]:
             problems.append(f"{tok}: sha256 differs from manifest tokenizer_sha256")
     for f in sorted(path.glob("*.bin")):
         if f.name not in listed:
