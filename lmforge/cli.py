@@ -159,6 +159,10 @@ def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
         print(reference_markdown())
         return 0
     cfg = load_config(args.config, extra)
+    from lmforge.config_checks import lint
+
+    for warning in lint(cfg):  # a contradiction raises ConfigError
+        print(f"lmforge config: warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 

@@ -29,6 +29,10 @@ def _cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"evaluate: unexpected arguments {' '.join(extra)}")
+    for flag, value, default in (("--max-examples", args.max_examples, "every example"),
+                                 ("--batch-size", args.batch_size, "the run's eval batch size")):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1 (leave it out for {default})")
     from lmforge.finetune.evaluation import evaluate_run
 
     evaluate_run(args.run, args.data, name=args.name, max_examples=args.max_examples, batch_size=args.batch_size)

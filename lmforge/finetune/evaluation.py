@@ -97,7 +97,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
 
     from lmforge.config import ConfigError
     from lmforge.finetune.config import load_finetune_config
-    from lmforge.finetune.data import encode_classification_file, encode_conll_file, encode_sft_file
+    from lmforge.finetune.data import read_eval_file
     from lmforge.finetune.methods import load_adapter
     from lmforge.finetune.model import load_base
     from lmforge.finetune.reports import print_report, write_report
@@ -116,15 +116,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
     tok = load_run_tokenizer(run, backbone, tok)  # a vocabulary extended by base.add_unknown_chars
     applied = build_task_model(cfg, 1, labels, backbone)
     load_adapter(applied, run / "best")
-    d = cfg.data
-    if cfg.task == "classification":
-        examples = encode_classification_file(data_file, tok, d.max_len, labels, d.text_field, d.label_field)[0]
-    elif cfg.task == "token-classification":
-        examples = encode_conll_file(data_file, tok, d.max_len, {t: i for i, t in enumerate(labels)})[0]
-    else:
-        examples = encode_sft_file(data_file, tok, d.max_len)
-    if max_examples:
-        examples = examples[:max_examples]
+    examples = read_eval_file(cfg, data_file, tok, labels, max_examples)  # DataError when nothing to score
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     rep = evaluate_examples(applied.model, examples, cfg.task, labels, pad_id, batch_size or cfg.train.eval_batch_size,
                             cfg.train.precision)
