@@ -35,7 +35,7 @@ def resolve_device_type(want: str) -> str:
 
 def _contradictions(cfg) -> None:
     tc = cfg.training
-    if tc.param_dtype == "bfloat16" and tc.precision != "bf16":
+    if tc.param_dtype == "bfloat16" and tc.precision not in ("bf16", "auto"):  # auto follows the bf16 params
         raise ConfigError(
             f"training.param_dtype=bfloat16 contradicts training.precision={tc.precision}: the parameters would be "
             f"bf16, so the compute cannot be {tc.precision}",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lmforge.data.prepare as prepare_mod
-from bad_inputs import QUIET, TINY_MODEL, assert_user_error, copy_of, packed_data, run_cli, snapshot, texts
+from tests.helpers.bad_inputs import QUIET, TINY_MODEL, assert_user_error, copy_of, packed_data, run_cli, snapshot, texts
 from lmforge.data.integrity import CACHE_NAME
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.data.verify import verify

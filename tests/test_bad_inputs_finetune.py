@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bad_inputs import assert_user_error, run_cli, snapshot, texts, tiny_run
+from tests.helpers.bad_inputs import assert_user_error, run_cli, snapshot, texts, tiny_run
 
 torch.set_num_threads(1)
 

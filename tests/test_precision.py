@@ -146,8 +146,8 @@ def test_bf16_params_with_fp32_master_weights(tmp_path, data_dir):
 
 
 def test_pure_bf16_without_master(tmp_path, data_dir):
-    cfg = tiny_cfg(tmp_path / "p", data_dir, training={"param_dtype": "bfloat16", "master_weights": False,
-                                                        "max_steps": 3, "eval_every": 0})
+    cfg = tiny_cfg(tmp_path / "p", data_dir, training={"param_dtype": "bfloat16", "precision": "bf16",
+                                                        "master_weights": False, "max_steps": 3, "eval_every": 0})
     summary = train(cfg)
     assert summary["stop_reason"] == "max_steps"
     st = ckpt.read_state(ckpt.newest_valid(tmp_path / "p"))

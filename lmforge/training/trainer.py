@@ -51,6 +51,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, pdims) -> dict:
     cfg = cfg.model_copy(deep=True)
     device = device_for(pdims, cfg.training.device)
+    lint_config(cfg, pdims, device)
     train_shards, val_shards = open_data(cfg)
     resolve_model_cfg(cfg, train_shards)
     check_distributed(cfg, pdims)
@@ -61,6 +62,18 @@ def _train(cfg: Config, pdims) -> dict:
     job = lm_job(cfg, pdims, built.engine, loader, val_shards, built.base.flops_per_token(cfg.data.seq_len), choice)
     summary = run_loop(job)
     return finish(cfg, pdims, built.engine.model, job, summary)
+
+
+def lint_config(cfg: Config, pdims, device) -> None:
+    """Contradictions are ConfigErrors naming both keys; valid-but-pointless settings are warned about (rank 0),
+    before any data is opened or a run folder exists."""
+    import sys
+
+    from lmforge.config_checks import lint
+
+    for warning in lint(cfg, device):
+        if pdims.is_rank0:
+            print(f"lmforge train: warning: {warning}", file=sys.stderr)
 
 
 def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: float, precision,

@@ -15,7 +15,6 @@ import lmforge.cli as cli
 
 WORDS = ["the", "movie", "plot", "actor", "scene", "great", "awful", "film", "story", "music"]
 _BUILT: dict[str, Path] = {}
-CKPT_XFAIL = "needs lmforge.checkpoint"
 
 
 def case(case_id: str, *values, xfail: Optional[str] = None):
