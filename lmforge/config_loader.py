@@ -233,9 +233,9 @@ def _suggest(loc: tuple, root: type[BaseModel]) -> str:
     (``sources.0.feild`` → ``sources.0.field``)."""
     path = ".".join(str(p) for p in loc if not isinstance(p, int))
     keys = list(valid_keys(root))
-    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
-    if not close:  # try matching only the last component within its section
-        parent, _, leaf = path.rpartition(".")
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
+    parent, _, leaf = path.rpartition(".")
+    if not close and parent:  # try matching only the last component within its section
         siblings = [k for k in keys if k.rpartition(".")[0] == parent]
         close = [f"{parent}.{m}" if parent else m
                  for m in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.4)]

@@ -197,7 +197,7 @@ def test_grad_accumulation_equals_one_batch(tiny_run, cls_files, chat_file, tmp_
     monkeypatch.setattr(tr, "TaskModel", partial(TaskModel, dropout=0.0))  # dropout draws differ per split
     data = cls_files / "train.tsv" if task == "classification" else chat_file
     over = {**BASE, "method.name": "lora", "train.batch_size": 15, "train.max_steps": 6, "train.eval_every": 6,
-            **({"data.class_weights": True} if task == "classification" else {"task": "sft"})}
+            **({"data.class_weights": True} if task == "classification" else {"task": "sft", "data.max_len": 64})}
     runs = {}
     for n in (1, accum):
         finetune(ft_cfg(tiny_run, tmp_path / str(n), data, **over, **{"train.grad_accum_steps": n}))
