@@ -213,7 +213,7 @@ def test_blocks_found_inside_task_model_and_transformers_encoder():
 def test_rank_rows_partition_each_global_batch():
     """Shares are contiguous, disjoint and cover the batch (trimmed to their own longest row); a rank left
     without rows gets one row whose targets are all ignored (it still runs forward/backward)."""
-    from lmforge.data.tasks import IGNORE
+    from lmforge.models.losses import IGNORE_INDEX as IGNORE
     from lmforge.finetune.data import collate
     from lmforge.finetune.data import rank_rows
 

@@ -17,8 +17,6 @@ import torch
 
 from lmforge.errors import DataError
 from lmforge.models.losses import IGNORE_INDEX
-
-IGNORE = IGNORE_INDEX  # the name finetune/data.py, finetune/distributed.py and tests import from here
 _TEXT_COLUMNS = ("sentence", "text", "text_a", "review", "content")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
 _FIELDS_HINT = {"\t": "TSV fields are not quoted: a text holding a tab must have it replaced",

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.data.tasks import IGNORE, encode_chat, pad_collate, read_chat_jsonl, read_classification
+from lmforge.models.losses import IGNORE_INDEX
+from lmforge.data.tasks import encode_chat, pad_collate, read_chat_jsonl, read_classification
 from lmforge.data.tasks_conll import (Sentence, align_labels, build_label_map, check_tags, detect_scheme, iob1_to_iob2,
                                       read_conll)
 from lmforge.errors import DataError
@@ -91,7 +92,7 @@ def encode_conll_file(path: str, tokenizer, max_len: int, label2id: Optional[dic
     for s, t in zip(sents, tags):
         a = align_labels(tokenizer, s.words, t, label2id, max_len=room)
         out.append({"input_ids": pre + a["input_ids"] + post,
-                    "labels": [IGNORE] * len(pre) + a["labels"] + [IGNORE] * len(post),
+                    "labels": [IGNORE_INDEX] * len(pre) + a["labels"] + [IGNORE_INDEX] * len(post),
                     "word_ids": [-1] * len(pre) + a["word_ids"] + [-1] * len(post), "tags": t})
     return out, label2id, scheme
 
@@ -105,7 +106,7 @@ def require_targets(examples: list[dict], path: str, max_len: int) -> list[dict]
     refuse files without examples; this catches what truncation to ``data.max_len`` left without a target.)"""
     if not examples:
         raise DataError(f"{path}: no examples")
-    if "labels" in examples[0] and not any(y != IGNORE for e in examples for y in e["labels"]):
+    if "labels" in examples[0] and not any(y != IGNORE_INDEX for e in examples for y in e["labels"]):
         raise DataError(f"{path}: none of the {len(examples)} examples has a target token left after truncation "
                         f"to data.max_len={max_len}", hint="raise data.max_len, or shorten the prompts")
     return examples
@@ -193,7 +194,7 @@ def _read_task_data(cfg, tokenizer) -> TaskData:
         if d.class_weights:
             from lmforge.data.augment import class_weights
 
-            cw = class_weights([y for e in train for y in e["labels"] if y != IGNORE], len(label2id))
+            cw = class_weights([y for e in train for y in e["labels"] if y != IGNORE_INDEX], len(label2id))
         return TaskData(train, cap(val), cap(test) if test else None, list(label2id), scheme, cw)
     train = subset(encode_sft_file(d.train, tokenizer, d.max_len))
     if d.validation:
@@ -258,7 +259,7 @@ def rank_rows(batch: dict, rank: int, world: int) -> dict:
         part = {k: v[:1].clone() for k, v in batch.items()}
         for k in ("label", "labels"):
             if k in part:
-                part[k].fill_(IGNORE)
+                part[k].fill_(IGNORE_INDEX)
     T = max(1, int(part["attention_mask"].sum(1).max()))
     return {k: v[:, :T] if v.dim() == 2 else v for k, v in part.items()}
 
