@@ -4,6 +4,7 @@ parsers whose ``func(args, extra)`` returns an exit code. Registrars import noth
 from lmforge.data.cli import add_data_commands
 from lmforge.distributed.cli import add_distributed_commands
 from lmforge.finetune.cli import add_finetune_commands
+from lmforge.serve.cli import add_serve_commands
 
 
 def _cmd_hf(args, extra: list[str]) -> int:
@@ -18,4 +19,5 @@ def add_hf_commands(subparsers) -> None:
     h.set_defaults(func=_cmd_hf, passthrough=True)
 
 
-REGISTRARS: list = [add_data_commands, add_finetune_commands, add_distributed_commands, add_hf_commands]
+REGISTRARS: list = [add_data_commands, add_finetune_commands, add_distributed_commands, add_hf_commands,
+                    add_serve_commands]
