@@ -133,7 +133,8 @@ class LiveServer:
         return total
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:

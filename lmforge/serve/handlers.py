@@ -88,8 +88,8 @@ class Limits:
             raise bad_request(f"{len(prompts)} prompt(s) × n={n} is more sequences than the batch holds "
                               f"({s.max_batch}, --max-batch)", param="n")
         if max_tokens > self.cap:
-            raise bad_request(f"max_tokens={max_tokens} is more than this server's limit of {self.cap}",
-                              param="max_tokens")
+            raise bad_request(f"max_tokens={max_tokens} is more than this server's limit of {self.cap} "
+                              f"(model context {self.ctx} tokens, --max-tokens-cap)", param="max_tokens")
         for ids in prompts:
             if len(ids) > self.max_prompt:
                 raise bad_request(f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt} "
@@ -163,8 +163,7 @@ async def _stream(fmt, sink: Sink, sched, chat: bool, include_usage: bool, acces
                 if ev.error is not None:
                     yield sse(ev.error.body())
                     return
-                chunk = fmt.chunk(ev)
-                if chunk is not None:
+                for chunk in fmt.chunks(ev):
                     yield sse(chunk)
         if include_usage:
             yield sse(fmt.usage_chunk())

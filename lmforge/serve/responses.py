@@ -1,8 +1,9 @@
 """OpenAI response bodies and stream chunks for text completions and chat completions.
 
 Stream chunks follow the API exactly: ``object`` "text_completion" (completions) or "chat.completion.chunk"
-(chat, whose first chunk per choice carries ``delta.role`` = "assistant"); the chunk that ends a choice
-carries its ``finish_reason``; with ``stream_options.include_usage`` a last chunk has ``choices: []`` and
+(chat, whose first chunk per choice carries ``delta.role`` = "assistant"); text arrives in chunks with
+``finish_reason`` null, and a choice ends with a chunk of empty text/delta carrying its ``finish_reason``
+(text held back because it could still be part of a stop string or a UTF-8 character is sent later); with ``stream_options.include_usage`` a last chunk has ``choices: []`` and
 the usage; the stream ends with ``data: [DONE]``.
 """
 
@@ -93,13 +94,15 @@ class CompletionFormatter(Formatter):
             c.offset += len(s)
         return out
 
-    def chunk(self, ev: Event) -> Optional[dict]:
+    def chunks(self, ev: Event) -> list[dict]:
         c = self.add(ev)
-        if not ev.text and ev.finish_reason is None and self.logprobs is None:
-            return None  # held-back text (partial character or a possible stop string): nothing new yet
-        return {**self._head(self.object_chunk), "choices": [
-            {"index": ev.index, "text": ev.text, "logprobs": self._logprobs(c, ev.tokens),
-             "finish_reason": ev.finish_reason}]}
+        out = []
+        if ev.text or self.logprobs is not None:
+            out.append({"index": ev.index, "text": ev.text, "logprobs": self._logprobs(c, ev.tokens),
+                        "finish_reason": None})
+        if ev.finish_reason is not None:
+            out.append({"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.finish_reason})
+        return [{**self._head(self.object_chunk), "choices": [ch]} for ch in out]
 
     def final(self) -> dict:
         choices = []
@@ -130,14 +133,15 @@ class ChatFormatter(Formatter):
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
             for i in range(len(self.choices))]
 
-    def chunk(self, ev: Event) -> Optional[dict]:
+    def chunks(self, ev: Event) -> list[dict]:
         self.add(ev)
-        if not ev.text and ev.finish_reason is None and self.logprobs is None:
-            return None  # held-back text (partial character or a possible stop string): nothing new yet
-        delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
-        return {**self._head(self.object_chunk), "choices": [
-            {"index": ev.index, "delta": delta, "logprobs": self._logprobs(ev.tokens),
-             "finish_reason": ev.finish_reason}]}
+        out = []
+        if ev.text or self.logprobs is not None:
+            out.append({"index": ev.index, "delta": {"content": ev.text}, "logprobs": self._logprobs(ev.tokens),
+                        "finish_reason": None})
+        if ev.finish_reason is not None:
+            out.append({"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
+        return [{**self._head(self.object_chunk), "choices": [ch]} for ch in out]
 
     def final(self) -> dict:
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
