@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,9 +112,9 @@ class LiveServer:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read(), dict(r.headers)
+                return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
-            return e.code, e.read(), dict(e.headers)
+            return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)
@@ -121,15 +122,17 @@ class LiveServer:
     def post(self, path, body=None, **kw):
         return self.request("POST", path, body, **kw)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0.0 when there is none yet)."""
         text = self.get("/metrics")[1].decode()
-        total, seen = 0.0, False
+        total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-                seen = True
-        if not seen:
-            raise KeyError(name)
+            m = re.match(r"^([^{\s]+)(?:\{(.*)\})? (\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
         return total
 
     def log(self) -> str:

@@ -39,10 +39,11 @@ class BlockPool:
         self._free: deque[int] = deque(range(1, num_blocks))
         self._refs = [0] * num_blocks
         self.reserved = 0  # blocks promised to admitted sequences but not yet allocated
+        self.pinned = 0  # blocks taken for the server's own use (the health probe), outside capacity
 
     @property
     def capacity(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks - 1 - self.pinned
 
     @property
     def num_free(self) -> int:
@@ -51,6 +52,13 @@ class BlockPool:
     def usage(self) -> float:
         """Fraction of usable blocks held by sequences (vllm:kv_cache_usage_perc)."""
         return 1.0 - len(self._free) / self.capacity
+
+    def pin(self) -> int:
+        """A block for the server itself, never handed out and not counted in capacity or usage."""
+        self.reserve(1)
+        block = self.allocate_reserved()
+        self.pinned += 1
+        return block
 
     def can_reserve(self, n: int) -> bool:
         return len(self._free) - self.reserved >= n

@@ -44,11 +44,15 @@ class Scheduler:
         self.draining = False
         self._stop = False
         self.thread: Optional[threading.Thread] = None
-        self.pool.reserve(1)
-        self._probe_table = [self.pool.allocate_reserved()]  # never handed to a request
+        self._probe_table = [self.pool.pin()]  # never handed to a request
         self.probe_ok_at: Optional[float] = None
         self.probe_error: Optional[str] = None
         self._next_probe = 0.0
+        # gauges are read at scrape time, so /metrics is current even while a step runs
+        metrics.labels(metrics.running).set_function(lambda: len(self.running))
+        metrics.labels(metrics.waiting).set_function(
+            lambda: sum(g.n for g in list(self.waiting) + list(self._inbox)))
+        metrics.labels(metrics.kv_usage).set_function(self.pool.usage)
 
     # ------------------------------------------------------------------ called from the HTTP side
     def blocks_needed(self, prompt_len: int, max_tokens: int, n: int) -> int:
@@ -61,9 +65,9 @@ class Scheduler:
         """Queue the groups of one request, or raise 503 (draining / queue full) / 400 (can never fit)."""
         for g in groups:
             need = self.blocks_needed(len(g.prompt_ids), g.params.max_tokens, g.n)
-            if need > self.pool.capacity - 1 or g.n > self.s.max_batch:
+            if need > self.pool.capacity or g.n > self.s.max_batch:
                 raise bad_request(f"request needs {need} KV-cache blocks for {g.n} choice(s); the server holds "
-                                  f"{self.pool.capacity - 1} (--kv-cache-tokens) and {self.s.max_batch} sequences "
+                                  f"{self.pool.capacity} (--kv-cache-tokens) and {self.s.max_batch} sequences "
                                   f"(--max-batch)", param="max_tokens")
         with self._cv:
             if self.draining or self._stop:
@@ -137,9 +141,6 @@ class Scheduler:
             self._decode()
         if time.monotonic() >= self._next_probe:
             self._probe()
-        self.m.labels(self.m.running).set(len(self.running))
-        self.m.labels(self.m.waiting).set(sum(g.n for g in self.waiting))
-        self.m.labels(self.m.kv_usage).set(self.pool.usage())
 
     def _reap(self) -> None:
         now = time.monotonic()

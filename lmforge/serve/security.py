@@ -7,7 +7,7 @@ nothing about which bytes matched. A key is identified in logs and metrics by it
 ``key-<first 8 hex of its digest>``, never by the key.
 
 The gate, for every route except the probes ``/health`` and ``/ready``: no ``Authorization: Bearer`` → 401;
-an unknown key → 403; the key's token bucket empty → 429 + Retry-After; a declared body over the limit →
+an unknown key → 403; the key's token bucket empty → 429 + Retry-After (``/metrics`` is not metered); a declared body over the limit →
 413. Then the request runs and one JSON access-log line is written.
 """
 
@@ -29,6 +29,7 @@ from lmforge.serve.api_errors import APIError
 
 KEYS_ENV = "LMFORGE_API_KEYS"
 OPEN_PATHS = frozenset({"/health", "/ready"})
+UNMETERED_PATHS = frozenset({"/metrics"})  # authenticated, but scrapes never spend a key's request budget
 access_log = logging.getLogger("lmforge.serve.access")
 
 
@@ -146,7 +147,7 @@ class Gate:
 
         try:
             if scope["path"] not in OPEN_PATHS:
-                self._check(headers, info)
+                self._check(headers, info, rate_limited=scope["path"] not in UNMETERED_PATHS)
             await self.app(scope, receive, send_wrapper)
         except APIError as err:
             status["code"] = err.status
@@ -155,9 +156,9 @@ class Gate:
             if self.log_access and scope["path"] not in OPEN_PATHS:
                 self._log(scope, info, status["code"], time.monotonic() - t0)
 
-    def _check(self, headers: dict[str, str], info: dict) -> None:
+    def _check(self, headers: dict[str, str], info: dict, rate_limited: bool) -> None:
         info["key_id"] = authenticate(self.keys, headers)
-        wait = self.limiter.take(info["key_id"])
+        wait = self.limiter.take(info["key_id"]) if rate_limited else None
         if wait is not None:
             raise APIError(429, "rate limit exceeded for this API key", code="rate_limit_exceeded",
                            headers={"Retry-After": str(wait)})
