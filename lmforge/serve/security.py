@@ -121,6 +121,17 @@ async def send_error(send, err: APIError, extra_headers: list[tuple[bytes, bytes
     await send({"type": "http.response.body", "body": body})
 
 
+async def _discard_body(receive, declared: Optional[str], cap: int) -> None:
+    """Read and drop a refused request's body (up to ``cap`` bytes) so the client, still sending, reads our
+    answer instead of a connection reset; a larger body is left unread and the connection is dropped."""
+    if not declared or not declared.isdigit() or int(declared) > cap:
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("type") == "http.request" and message.get("more_body", False)
+
+
 class Gate:
     """Pure ASGI middleware: request id, auth, rate limit, declared body size, access log."""
 
@@ -151,6 +162,7 @@ class Gate:
             await self.app(scope, receive, send_wrapper)
         except APIError as err:
             status["code"] = err.status
+            await _discard_body(receive, headers.get("content-length"), 4 * self.max_body)
             await send_error(send, err, rid_header)
         finally:
             if self.log_access and scope["path"] not in OPEN_PATHS:
