@@ -1,15 +1,17 @@
 """Paged KV-cache pool for the server: fixed-size blocks shared by every running sequence.
 
-The pool preallocates, per layer, keys and values of shape [K, N_blocks, bs, Dh]. A sequence owns a
+The pool preallocates, per layer, keys and values of shape [N_blocks, bs, K, Dh]. A sequence owns a
 *block table* (list of block ids); token ``p`` of a sequence lives in block ``table[p // bs]`` at offset
 ``p % bs``. Memory therefore grows with the tokens a sequence really holds, not with the model's context
 length, and a block returns to the free list the moment its last owner finishes (refcounts let the n
 choices of one prompt share the prompt's full blocks).
 
-Attention in the models wants contiguous [B, K, S, Dh] keys. ``StepCache`` is the per-forward object the
-model sees (the same duck-typed interface as ``lmforge.models.common.KVCache``: ``pos``, ``begin``,
-``attn_mask``, ``update``, ``advance``): ``update`` scatters the step's new keys into their slots, then gathers
-the batch's block tables into one transient per-layer view. Block 0 is a scratch block owned by nobody:
+Attention in the models wants [B, K, S, Dh] keys. ``StepCache`` is the per-forward object the model sees
+(the same duck-typed interface as ``lmforge.models.common.KVCache``: ``pos``, ``begin``, ``attn_mask``,
+``update``, ``advance``): ``update`` scatters the step's new keys into their slots, then gathers the batch's
+block tables into one transient per-layer view. The token-major block layout makes that gather one
+``index_select`` of whole contiguous blocks along dim 0, and the gathered [B, N·bs, K, Dh] is already the
+[B, K, S, Dh] view after a transpose (no second copy). Block 0 is a scratch block owned by nobody:
 padding rows and table padding point at it, and the mask hides it.
 
 Legend: B rows in the step, T new tokens per row, S key slots in the view (a multiple of bs), N blocks
@@ -96,12 +98,12 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 class PagedKV:
-    """The preallocated key/value storage: per layer [K, num_blocks, bs, Dh] (zero-filled, so the scratch
+    """The preallocated key/value storage: per layer [num_blocks, bs, K, Dh] (zero-filled, so the scratch
     block and unwritten slots are finite and masked-out keys cannot produce NaN)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (n_kv_heads, num_blocks, block_size, head_dim)
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
@@ -111,7 +113,7 @@ class PagedKV:
 
     def copy_block(self, src: int, dst: int) -> None:
         for t in self.k + self.v:
-            t[:, dst].copy_(t[:, src])
+            t[dst].copy_(t[src])
 
 
 class StepCache:
@@ -157,13 +159,13 @@ class StepCache:
 
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kp, vp = self.kv.k[layer], self.kv.v[layer]
-        K, nb, bs, Dh = kp.shape
-        flat = (K, nb * bs, Dh)
-        kp.view(flat).index_copy_(1, self._slots, k_BKTD.transpose(0, 1).reshape(K, -1, Dh).to(kp.dtype))
-        vp.view(flat).index_copy_(1, self._slots, v_BKTD.transpose(0, 1).reshape(K, -1, Dh).to(vp.dtype))
-        k_KBSD = kp.index_select(1, self._blocks).view(K, self.B, self.S, Dh)
-        v_KBSD = vp.index_select(1, self._blocks).view(K, self.B, self.S, Dh)
-        return k_KBSD.transpose(0, 1), v_KBSD.transpose(0, 1)
+        nb, bs, K, Dh = kp.shape
+        flat = (nb * bs, K, Dh)
+        kp.view(flat).index_copy_(0, self._slots, k_BKTD.transpose(1, 2).reshape(-1, K, Dh).to(kp.dtype))
+        vp.view(flat).index_copy_(0, self._slots, v_BKTD.transpose(1, 2).reshape(-1, K, Dh).to(vp.dtype))
+        k_BSKD = kp.index_select(0, self._blocks).view(self.B, self.S, K, Dh)
+        v_BSKD = vp.index_select(0, self._blocks).view(self.B, self.S, K, Dh)
+        return k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2)
 
     def advance(self, T: int) -> None:
         """Lengths are the scheduler's bookkeeping; nothing to do here."""
