@@ -13,7 +13,7 @@ Loops are bounded in count and time; the server is only ever on 127.0.0.1.
 
     .venv/bin/python benchmarks/serve_load.py [--preset bench-6l] [--model DIR] [--num-prompts 32]
         [--rates 2,4,8] [--concurrency 16] [--threads 1] [--kv-compare] [--invariance-compare] [--drain-check]
-        [--json out.json]
+        [--ab-repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ async def run_load(url, model, prompts, max_tokens, concurrency=None, rate=None,
 
 
 # ---------------------------------------------------------------------------------------------- HF baseline
-def hf_baseline(run: Path, prompts: list[list[int]], max_tokens: int, threads: int) -> dict:
+def hf_generator(run: Path, threads: int):
+    """transformers generate on the run's weights (exported with save_hf): ``f(prompts, max_tokens) -> row``."""
     import torch
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
@@ -187,19 +188,42 @@ def hf_baseline(run: Path, prompts: list[list[int]], max_tokens: int, threads: i
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    results = []
-    t_all = time.perf_counter()
-    for p in prompts:
-        clock = Clock()
-        clock.times = []
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                              stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=0)
-        end = time.perf_counter()
-        results.append({"error": None, "ttft": clock.times[0] - t0, "e2e": end - t0, "tokens": out.shape[1] - len(p),
-                        "itl": [b - a for a, b in zip(clock.times, clock.times[1:])]})
-    return summarize("hf generate, batch 1, sequential", results, time.perf_counter() - t_all)
+    def generate(prompts: list[list[int]], max_tokens: int) -> dict:
+        results = []
+        t_all = time.perf_counter()
+        for p in prompts:
+            clock = Clock()
+            clock.times = []
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                  do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=0)
+            end = time.perf_counter()
+            results.append({"error": None, "ttft": clock.times[0] - t0, "e2e": end - t0,
+                            "tokens": out.shape[1] - len(p), "itl": [b - a for a, b in zip(clock.times, clock.times[1:])]})
+        return summarize("hf generate, batch 1, sequential", results, time.perf_counter() - t_all)
+
+    return generate
+
+
+def batching_ratio(args, run: Path, prompts, tmp: Path, hf) -> dict:
+    """HF sequential and lmforge at --concurrency, alternated --ab-repeats times (background load on a shared
+    machine then hits both alike); the median of the per-round throughput ratios."""
+    srv = Server(run, args.port + 4, args.threads, ["--max-batch", str(args.concurrency)], tmp / "ab.log")
+    ratios, rounds = [], []
+    try:
+        asyncio.run(run_load(srv.url, run.name, prompts[:2], 4, concurrency=1))
+        for _ in range(args.ab_repeats):
+            base = hf(prompts[:args.hf_prompts], args.output_len)["out_tok_per_s"]
+            res, wall = asyncio.run(run_load(srv.url, run.name, prompts, args.output_len, concurrency=args.concurrency))
+            ours = summarize("", res, wall)["out_tok_per_s"]
+            rounds.append({"hf_tok_s": base, "lmforge_tok_s": ours})
+            ratios.append(ours / base)
+    finally:
+        srv.stop()
+    return {"mode": f"interleaved: lmforge at concurrency {args.concurrency} / HF sequential", "rounds": rounds,
+            "median_ratio": round(sorted(ratios)[len(ratios) // 2], 2), "min_ratio": round(min(ratios), 2),
+            "max_ratio": round(max(ratios), 2)}
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -317,6 +341,7 @@ def main() -> None:
     ap.add_argument("--drain-check", action="store_true")
     ap.add_argument("--invariance-compare", action="store_true", help="also run with --batch-invariant off")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--ab-repeats", type=int, default=0, help="alternate HF and lmforge-at-concurrency N times")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
@@ -329,8 +354,11 @@ def main() -> None:
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     rows = serve_modes(args, run, prompts, tmp)
-    if not args.no_hf:
-        rows.insert(0, hf_baseline(run, prompts[:args.hf_prompts], args.output_len, args.threads))
+    hf = None if args.no_hf else hf_generator(run, args.threads)
+    if hf is not None:
+        rows.insert(0, hf(prompts[:args.hf_prompts], args.output_len))
+    if hf is not None and args.ab_repeats:
+        rows.append(batching_ratio(args, run, prompts, tmp, hf))
     if args.kv_compare:
         rows += kv_compare(args, run, prompts, tmp, context)
     if args.invariance_compare:
