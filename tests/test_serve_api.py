@@ -27,6 +27,9 @@ def server(tmp_path_factory):
     assert code == 0, srv.log()
     log = srv.log()
     assert API_KEY not in log and OTHER_KEY not in log  # keys never logged
+    access = [json.loads(line) for line in log.splitlines() if line.startswith('{"ts"')]
+    assert access and all({"request_id", "key_id", "method", "path", "status", "latency_ms"} <= set(a) for a in access)
+    assert {a["key_id"] for a in access} >= {"other", "-"} and any(a.get("completion_tokens") for a in access)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +242,21 @@ def test_batched_equals_unbatched_over_http(server):
     for t in threads:
         t.join(60)
     assert together == alone  # text and logprobs exactly equal, whatever shared the batch
+
+
+def test_refuses_to_start_without_keys_or_open_on_a_public_address(monkeypatch, tmp_path):
+    from lmforge.errors import ConfigError, SetupError
+    from lmforge.serve.security import KEYS_ENV, APIKeys
+    from lmforge.serve.server import serve
+    from lmforge.serve.settings import ServeSettings
+
+    monkeypatch.delenv(KEYS_ENV, raising=False)
+    with pytest.raises(SetupError, match="no API keys"):
+        serve(str(tmp_path), ServeSettings())
+    with pytest.raises(SetupError, match="loopback"):
+        serve(str(tmp_path), ServeSettings(allow_no_auth=True, host="0.0.0.0"))
+    with pytest.raises(ConfigError, match="16 characters"):
+        APIKeys.parse(["short"], "keys.txt")
+    keys = APIKeys.parse(["# comment", "", API_KEY, f"ops:{OTHER_KEY}"], "keys.txt")
+    assert keys.identify(OTHER_KEY) == "ops" and keys.identify(API_KEY).startswith("key-")
+    assert keys.identify(API_KEY[:-1]) is None and keys.identify("") is None
