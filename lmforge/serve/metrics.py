@@ -45,7 +45,6 @@ class ServeMetrics:
         self.probe_latency = hist("lmforge:probe_latency_seconds", "Periodic one-token decode probe.")
         self.probe_failures = counter("lmforge:probe_failures", "Failed or non-finite decode probes.")
         self.rejected = counter("lmforge:rejected_requests", "Requests refused before admission.", ["reason"])
-        self.http = counter("lmforge:http_requests", "HTTP responses by route and status.", ["route", "status"])
 
     def labels(self, metric, **kw):
         return metric.labels(model_name=self.model_name, **kw)

@@ -132,7 +132,12 @@ class Scheduler:
                         continue
                 if abort is not None:
                     self._fail_all(APIError(503, abort, code="shutting_down"))
-                self._iteration()
+                try:
+                    self._iteration()
+                except Exception:  # a bug: end what is in flight (no client waits forever), stay not-ready
+                    log.exception("scheduler iteration failed")
+                    self.probe_error = "scheduler error"
+                    self._fail_all(APIError(500, "internal error during generation"))
 
     def _iteration(self) -> None:
         self._reap()
