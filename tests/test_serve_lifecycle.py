@@ -81,6 +81,22 @@ def test_disconnect_mid_stream_frees_the_slot(slow):
         slow.fault.unlink(missing_ok=True)
 
 
+def test_disconnect_of_a_non_streaming_request_frees_the_slot(slow):
+    slow.fault.write_text("stall 0.03")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 100,
+                                                            "temperature": 0}),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        assert _until(lambda: slow.metric("vllm:num_requests_running") == 1, timeout=5)
+        conn.sock.close()
+        conn.close()
+        assert _until(lambda: slow.metric("vllm:num_requests_running") == 0
+                      and slow.metric("vllm:kv_cache_usage_perc") == 0, timeout=2.5)  # 100 tokens take ~3 s
+    finally:
+        slow.fault.unlink(missing_ok=True)
+
+
 def test_full_queue_answers_503_with_retry_after(slow):
     slow.fault.write_text("stall 0.05")
     results = []

@@ -19,6 +19,7 @@ from lmforge.serve.sampling import SamplingParams
 from lmforge.serve.sequence import Group, Sink
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_CHECK_S = 0.5  # how often a non-streaming handler asks whether its client is still there
 
 
 def _no_constants(name: str):
@@ -177,15 +178,18 @@ async def _stream(fmt, sink: Sink, sched, chat: bool, include_usage: bool, acces
 
 async def _collect(request: Request, fmt, sink: Sink, sched, access: dict):
     t0, first = time.monotonic(), None
+    next_check = t0 + DISCONNECT_CHECK_S
     try:
         while not fmt.done:
             try:
-                events = await asyncio.wait_for(sink.queue.get(), timeout=0.5)
+                events = await asyncio.wait_for(sink.queue.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                events = []
+            if time.monotonic() >= next_check:  # a client that left frees its slots within ~0.5 s
+                next_check = time.monotonic() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
-                    raise APIError(499, "client closed the request", code="client_closed") from None
-                continue
-            first = first or time.monotonic()
+                    raise APIError(499, "client closed the request", code="client_closed")
+            first = first or (time.monotonic() if events else None)
             for ev in events:
                 if ev.error is not None:
                     raise ev.error
