@@ -45,7 +45,6 @@ def build_model(preset: str, out: Path) -> Path:
     from lmforge.config import build_config, save_config
     from lmforge.data.tokenizer import train_tokenizer
     from lmforge.models import build_model as build
-    from lmforge.training.checkpoint import save_checkpoint
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
     tok = train_tokenizer((f.read_text(errors="ignore") for f in files), vocab_size=4096)
@@ -58,7 +57,14 @@ def build_model(preset: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tok.save(out / "tokenizer.json")
-    save_checkpoint(out, 1, model, state={})
+    try:  # the checkpoint package once merged; the legacy writer before that
+        from lmforge.checkpoint import CheckpointManager
+
+        CheckpointManager(out, model=model).save(1)
+    except ImportError:
+        from lmforge.training.checkpoint import save_checkpoint
+
+        save_checkpoint(out, 1, model, state={})
     return out
 
 
