@@ -127,6 +127,8 @@ def build_task_model(cfg: FinetuneConfig, total_steps: int, label_names: list[st
 def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int) -> Path:
     """The fine-tuned decoder in its base's format: an lmforge run folder (``sft_run/``, usable by
     ``lmforge generate --run``) or, for an imported HF base, an HF folder (``sft_hf/``)."""
+    from lmforge.serve.chat import save_chat_template
+
     lm = model.backbone.model
     if base_info["kind"] == "lmforge":
         from lmforge.config import load_config, save_config
@@ -137,12 +139,14 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
         out.mkdir(parents=True, exist_ok=True)
         save_config(base_cfg, out / "config.yaml")
         tok.save(out / "tokenizer.json")
+        save_chat_template(out)  # the SFT chat layout, read by `lmforge serve` for /v1/chat/completions
         CheckpointManager(out, model=lm, shared={"finetune": DictState({"run": str(run_dir)})}).save(max(step, 1))
         return out
     from lmforge.models.hf import save_hf
 
     out = save_hf(lm, run_dir / "sft_hf")
     tok.save(out / "tokenizer.json")
+    save_chat_template(out)
     return out
 
 
