@@ -57,14 +57,9 @@ def build_model(preset: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tok.save(out / "tokenizer.json")
-    try:  # the checkpoint package once merged; the legacy writer before that
-        from lmforge.checkpoint import CheckpointManager
+    from lmforge.checkpoint import CheckpointManager
 
-        CheckpointManager(out, model=model).save(1)
-    except ImportError:
-        from lmforge.training.checkpoint import save_checkpoint
-
-        save_checkpoint(out, 1, model, state={})
+    CheckpointManager(out, model=model).save(1)
     return out
 
 

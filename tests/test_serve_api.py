@@ -10,7 +10,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serve_helpers import API_KEY, OTHER_KEY, LiveServer, build_tiny, save_run  # noqa: E402
+from tests.helpers.serve import API_KEY, OTHER_KEY, LiveServer, build_tiny, save_run
 
 MODEL = "run"
 

@@ -11,19 +11,19 @@ import torch
 
 pytest.importorskip("prometheus_client")
 
-from lmforge.config import build_config  # noqa: E402
-from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.models import build_model  # noqa: E402
-from lmforge.serve.chat import TEMPLATE_FILE, load_chat_template, save_chat_template, sft_template  # noqa: E402
-from lmforge.serve.kv_pool import BlockPool, PagedKV, blocks_for  # noqa: E402
-from lmforge.serve.metrics import ServeMetrics  # noqa: E402
-from lmforge.serve.runner import ModelRunner  # noqa: E402
-from lmforge.serve.sampling import SamplingParams  # noqa: E402
-from lmforge.serve.scheduler import Scheduler  # noqa: E402
-from lmforge.serve.sequence import Detokenizer, Group, Sink  # noqa: E402
-from lmforge.serve.server import kv_heads  # noqa: E402
-from lmforge.serve.settings import ServeSettings  # noqa: E402
-from serve_helpers import build_tiny  # noqa: E402
+from lmforge.config import build_config
+from lmforge.errors import ConfigError
+from lmforge.models import build_model
+from lmforge.serve.chat import TEMPLATE_FILE, load_chat_template, save_chat_template, sft_template
+from lmforge.serve.kv_pool import BlockPool, PagedKV, blocks_for
+from lmforge.serve.metrics import ServeMetrics
+from lmforge.serve.runner import ModelRunner
+from lmforge.serve.sampling import SamplingParams
+from lmforge.serve.scheduler import Scheduler
+from lmforge.serve.sequence import Detokenizer, Group, Sink
+from lmforge.serve.server import kv_heads
+from lmforge.serve.settings import ServeSettings
+from tests.helpers.serve import build_tiny
 
 torch.set_num_threads(1)
 

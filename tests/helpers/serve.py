@@ -41,14 +41,9 @@ def save_run(folder: Path, seed: int = 1, chat: bool = True) -> Path:
     cfg = build_config({"run_dir": str(folder), "model": {"preset": "tiny", "vocab_size": tok.vocab_size}})
     save_config(cfg, folder / "config.yaml")
     tok.save(folder / "tokenizer.json")
-    try:  # the checkpoint package (contract B) once merged; the legacy writer before that
-        from lmforge.checkpoint import CheckpointManager
+    from lmforge.checkpoint import CheckpointManager
 
-        CheckpointManager(folder, model=model).save(1)
-    except ImportError:
-        from lmforge.training.checkpoint import save_checkpoint
-
-        save_checkpoint(folder, 1, model, state={})
+    CheckpointManager(folder, model=model).save(1)
     if chat:
         save_chat_template(folder)
     return folder
