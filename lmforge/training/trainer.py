@@ -144,6 +144,8 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
 
         summary["world_size"] = pdims.world_size
         summary["rank_state_bytes"] = local_state_bytes(model, getattr(job.step.engine, "optimizer", None))
+    if cfg.evaluation.enabled and summary["stop_reason"] in ("max_steps", "early_stop", "time_budget"):
+        summary.update(_evaluate_at_end(cfg, pdims, model, run_dir))
     if pdims.is_rank0:
         from lmforge.environment import environment_facts
         from lmforge.training.report import finish_run
@@ -152,6 +154,26 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
         summary["environment"] = environment_facts(check_gloo=False, device=str(job.step.engine.device.type))
         finish_run(cfg, run_dir, summary)
     return summary
+
+
+def _evaluate_at_end(cfg: Config, pdims, model, run_dir: Path) -> dict:
+    """``evaluation.enabled``: rank 0 scores the exported weights (one process; peers wait)."""
+    from lmforge.evaluation.run import evaluate_at_end
+
+    metrics: dict = {}
+    if pdims.is_rank0:
+        if pdims.is_distributed:
+            from lmforge.inference import load_run
+
+            model = load_run(run_dir, str(run_dir / "model.safetensors"))[0]
+        metrics = evaluate_at_end(cfg, model, run_dir)
+    if pdims.is_distributed:
+        import torch.distributed as dist
+
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
 
 
 def _export(model, run_dir: Path, step: int, pdims, last_saved) -> None:
