@@ -90,16 +90,13 @@ def inner_sampler_factory(cfg: StudyConfig, space, n_objectives: int):
         return lambda seed: S.RandomSampler(seed=seed)
     if name == "tpe":
         return lambda seed: S.TPESampler(seed=seed, n_startup_trials=sc.n_startup_trials,
-                                         multivariate=sc.multivariate and n_objectives == 1,
-                                         warn_independent_sampling=False)
+                                         multivariate=sc.multivariate and n_objectives == 1)
     if name == "cmaes":
         if n_objectives > 1:
             raise ConfigError("sampler cmaes is single-objective; use nsga2 or tpe for objectives:")
-        return lambda seed: S.CmaEsSampler(seed=seed, n_startup_trials=sc.n_startup_trials,
-                                           warn_independent_sampling=False)
+        return lambda seed: S.CmaEsSampler(seed=seed, n_startup_trials=sc.n_startup_trials)
     if name == "gp":
-        return lambda seed: S.GPSampler(seed=seed, n_startup_trials=sc.n_startup_trials,
-                                        warn_independent_sampling=False)
+        return lambda seed: S.GPSampler(seed=seed, n_startup_trials=sc.n_startup_trials)
     return lambda seed: S.NSGAIISampler(seed=seed, population_size=sc.population_size)
 
 

@@ -168,6 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     number, slot, params = head
     if rank == 0 and args.token:
         _note_token(plan, args.token, number)
+    ranks = trial_dir(plan, number) / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)  # what each rank trains: the same broadcast parameters
+    (ranks / f"rank_{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "params": params}))
     study, trial, beat = (opened[0], opened[1], opened[4]) if opened else (None, None, None)
     try:
         outcome = run_trial(plan, trial_dir(plan, number), params, trial, distributed, rank == 0)
