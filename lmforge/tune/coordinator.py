@@ -192,9 +192,21 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the loop
     def run(self, poll_s: float = 0.5) -> dict:
+        self.recover()
+        try:
+            return self._loop(poll_s)
+        except KeyboardInterrupt:  # the trials got the signal too: let them checkpoint, then stop
+            for c in self.children:
+                try:
+                    c.proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+            self.echo("[tune] interrupted; running trials checkpointed and left RUNNING: rerun to resume them")
+            raise
+
+    def _loop(self, poll_s: float) -> dict:
         from lmforge.tune.report import progress_line, write_report
 
-        self.recover()
         while True:
             self.reap()
             self.recover()

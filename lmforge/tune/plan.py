@@ -115,8 +115,8 @@ def prepare(cfg: StudyConfig, origins, workers: int, nproc: int, mode: str = "qu
         from lmforge.tune.config import ObjectiveConfig
 
         cfg.objective = ObjectiveConfig(metric="tokens_per_s", direction="maximize")
-        if cfg.sampler.name not in ("grid", "random", "tpe"):
-            cfg.sampler.name = "grid"
+        if "sampler" not in cfg.model_fields_set or cfg.sampler.name not in ("grid", "random", "tpe"):
+            cfg.sampler.name = "grid"  # small discrete space: every candidate, once
     else:
         global_batch = None
         if not cfg.space:

@@ -91,6 +91,8 @@ def run_single(plan: Plan, run_dir: Path, params: dict, trial, distributed: bool
         hook = PruneHook(trial if len(plan.metrics) == 1 else None, metric, distributed, rank0, step_offset)
         summary = _run_job(plan, cfg, hook)
     reason = summary.get("stop_reason")
+    if str(reason).startswith("signal_"):  # Ctrl-C / SIGTERM: checkpointed, left RUNNING for the rerun to resume
+        return {"state": "interrupted", "values": [], "run_dir": str(run_dir), "reason": reason}
     if reason == "pruned":
         return {"state": "pruned", "values": [], "run_dir": str(run_dir), "reason": "pruner"}
     if reason not in _DONE:

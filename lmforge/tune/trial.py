@@ -174,6 +174,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     study, trial, beat = (opened[0], opened[1], opened[4]) if opened else (None, None, None)
     try:
         outcome = run_trial(plan, trial_dir(plan, number), params, trial, distributed, rank == 0)
+        if outcome["state"] == "interrupted":
+            print(f"[tune] trial {number}: {outcome['reason']}; left RUNNING (rerun lmforge tune to resume it)",
+                  file=sys.stderr)
+            return _done(distributed, 130)
         if rank == 0:
             _tell(study, trial, plan, outcome, slot)
     finally:
