@@ -221,7 +221,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     distributed: DistributedConfig = DistributedConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
+    eval: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _objective_fits_arch(self) -> "Config":

@@ -1,6 +1,6 @@
 """LM evaluation: sliding windows score every token once; perplexity parity with a direct forward; the
 lm-evaluation-harness adapter's loglikelihoods equal a direct computation (1e-5) and a local
-multiple-choice task runs end to end; ``evaluation.enabled`` scores a run at its end."""
+multiple-choice task runs end to end; ``eval.enabled`` scores a run at its end."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_train_evaluates_at_the_end(tmp_path, monkeypatch):
     data = pack_tiny(tmp_path / "data")
     (tmp_path / "doc.txt").write_text("some held out text to score " * 10)
     cfg = tiny_cfg(tmp_path / "run", data, training={"max_steps": 3},
-                   evaluation={"enabled": True, "text": [str(tmp_path / "doc.txt")], "window": 16, "stride": 8})
+                   eval={"enabled": True, "text": [str(tmp_path / "doc.txt")], "window": 16, "stride": 8})
     summary = train(cfg)
     assert summary["eval_bits_per_byte"] > 0 and summary["eval_perplexity"] > 1
     rep = json.loads((tmp_path / "run" / "reports" / "lm_eval.json").read_text())

@@ -1,7 +1,7 @@
 """``lmforge evaluate RUN`` for a pretraining run: perplexity / bits-per-byte (sliding window) on text files
 or on packed data, and local lm-evaluation-harness tasks. Results: ``RUN/reports/{name}.json`` (values with
 their standard errors) and ``{name}.html`` in the fine-tuning reports' style. ``lmforge train`` calls
-``evaluate_lm`` at the end of a run when ``evaluation.enabled`` is set.
+``evaluate_lm`` at the end of a run when ``eval.enabled`` is set.
 """
 
 from __future__ import annotations
@@ -114,10 +114,10 @@ def evaluate_lm_run(run_dir: str, checkpoint: Optional[str] = None, name: str = 
 
 
 def evaluate_at_end(cfg, model, run_dir: Path) -> dict:
-    """``evaluation.enabled``: score the final weights as configured; → flat eval_* metrics."""
+    """``eval.enabled``: score the final weights as configured; → flat eval_* metrics."""
     from lmforge.inference import find_tokenizer
 
-    ec = cfg.evaluation
+    ec = cfg.eval
     was = model.training
     model.eval()
     try:

@@ -36,7 +36,7 @@ def _cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     run = args.run_pos or args.run
     if not run:
         raise ConfigError("evaluate: name the run folder (lmforge evaluate RUN ...)")
-    if (Path(run) / "finetune.yaml").is_file():
+    if (Path(run) / "finetune.yaml").is_file() or (args.data and not (Path(run) / "config.yaml").is_file()):
         if not args.data:
             raise ConfigError("evaluate: a fine-tuning run is scored on --data FILE (the run's task format)")
         from lmforge.finetune.evaluation import evaluate_run

@@ -144,7 +144,7 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
 
         summary["world_size"] = pdims.world_size
         summary["rank_state_bytes"] = local_state_bytes(model, getattr(job.step.engine, "optimizer", None))
-    if cfg.evaluation.enabled and summary["stop_reason"] in ("max_steps", "early_stop", "time_budget"):
+    if cfg.eval.enabled and summary["stop_reason"] in ("max_steps", "early_stop", "time_budget"):
         summary.update(_evaluate_at_end(cfg, pdims, model, run_dir))
     if pdims.is_rank0:
         from lmforge.environment import environment_facts
@@ -157,7 +157,7 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
 
 
 def _evaluate_at_end(cfg: Config, pdims, model, run_dir: Path) -> dict:
-    """``evaluation.enabled``: rank 0 scores the exported weights (one process; peers wait)."""
+    """``eval.enabled``: rank 0 scores the exported weights (one process; peers wait)."""
     from lmforge.evaluation.run import evaluate_at_end
 
     metrics: dict = {}

@@ -17,7 +17,7 @@ from lmforge.tune.config import StudyConfig
 from lmforge.tune.space import BaseJob, Space, check_space_values, detect_kind, parse_space
 
 PLAN = "study.json"
-# what each kind of job reports (an objective must be one of these; eval_* from evaluation: at the end of a run)
+# what each kind of job reports (an objective must be one of these; eval_* from eval.enabled at the end of a run)
 TRAIN_METRICS = ("val_loss", "val_ppl", "loss", "tokens_per_s", "mfu")
 FINETUNE_METRICS = {"classification": ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1"),
                     "token-classification": ("val_loss", "val_accuracy", "val_macro_f1", "val_micro_f1"),
@@ -75,7 +75,7 @@ def _reported(kind: str, base_cfg, cfg: StudyConfig) -> tuple[str, ...]:
         out = FINETUNE_METRICS[base_cfg.task] + ("tokens_per_s",)
         return tuple(m for m in out if not (cfg.cv and m == "tokens_per_s"))
     extra = ()
-    ev = getattr(base_cfg, "evaluation", None)
+    ev = getattr(base_cfg, "eval", None)
     if ev is not None and getattr(ev, "enabled", False):
         extra = ("eval_perplexity", "eval_bits_per_byte", "eval_loss")
     return TRAIN_METRICS + extra
