@@ -109,26 +109,28 @@ def _nest(flat: dict) -> dict:
     return tree
 
 
-def efficiency(out: Path, base: Path, steps: int, workers: int) -> dict:
+def efficiency(out: Path, base: Path, steps: int, workers: int, seeds: list[int]) -> dict:
+    """The grid once; TPE + ASHA once per seed (seed 0 is the headline, the others show the spread)."""
     from lmforge.tune.cli import tune
 
     t0 = time.time()
     grid = tune(str(study_yaml(out, "grid", base, {"sampler": {"name": "grid"}, "seed": 0})), workers=workers)
-    t_grid = time.time() - t0
-    t0 = time.time()
-    asha = tune(str(study_yaml(out, "tpe_asha", base, {
-        "sampler": {"name": "tpe", "n_startup_trials": 4}, "n_trials": 12, "seed": 0,
-        "pruner": {"name": "asha", "min_resource": 20, "reduction_factor": 3}})), workers=workers)
-    t_asha = time.time() - t0
-    g_best, a_best = grid["best"][0]["values"][0], asha["best"][0]["values"][0]
-    default = run_default(out, base)
-    res = {"grid_best": g_best, "grid_steps": grid["steps_spent"], "grid_s": t_grid, "grid_trials": len(grid["trials"]),
-           "tpe_asha_best": a_best, "tpe_asha_steps": asha["steps_spent"], "tpe_asha_s": t_asha,
-           "tpe_asha_counts": asha["counts"], "default_val_loss": default, "best_params": asha["best"][0]["params"],
-           "grid_curve": curve(out / "grid"), "tpe_asha_curve": curve(out / "tpe_asha")}
-    res["within_1pct"] = a_best <= g_best * 1.01
-    res["steps_ratio"] = res["tpe_asha_steps"] / res["grid_steps"]
-    res["tuned_beats_default"] = a_best < default
+    g_best = grid["best"][0]["values"][0]
+    res = {"grid_best": g_best, "grid_steps": grid["steps_spent"], "grid_s": time.time() - t0,
+           "grid_trials": len(grid["trials"]), "grid_curve": curve(out / "grid"),
+           "default_val_loss": run_default(out, base), "tpe_asha": []}
+    for seed in seeds:
+        name = "tpe_asha" if seed == seeds[0] else f"tpe_asha_seed{seed}"
+        t0 = time.time()
+        asha = tune(str(study_yaml(out, name, base, {
+            "sampler": {"name": "tpe", "n_startup_trials": 4}, "n_trials": 12, "seed": seed,
+            "pruner": {"name": "asha", "min_resource": 20, "reduction_factor": 3}})), workers=workers)
+        a_best = asha["best"][0]["values"][0]
+        res["tpe_asha"].append({
+            "seed": seed, "best": a_best, "steps": asha["steps_spent"], "seconds": time.time() - t0,
+            "counts": asha["counts"], "best_params": asha["best"][0]["params"], "curve": curve(out / name),
+            "within_1pct": a_best <= g_best * 1.01, "steps_ratio": asha["steps_spent"] / res["grid_steps"],
+            "tuned_beats_default": a_best < res["default_val_loss"], "run_dir": asha["best"][0]["run_dir"]})
     plot(res, out / "tune_efficiency_curves.png")
     return res
 
@@ -140,8 +142,10 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("grid_curve", "grid (16 points)"), ("tpe_asha_curve", "TPE + ASHA")):
-        xs, ys = zip(*[(s, b) for s, b in res[key] if b != float("inf")])
+    curves = [("grid (16 points)", res["grid_curve"])] + [(f"TPE + ASHA, seed {r['seed']}", r["curve"])
+                                                         for r in res["tpe_asha"]]
+    for label, points in curves:
+        xs, ys = zip(*[(s, b) for s, b in points if b != float("inf")])
         ax.step(xs, ys, where="post", label=label)
     ax.axhline(res["default_val_loss"], ls="--", c="gray", label="lmforge defaults")
     ax.set_xlabel("training steps spent")
@@ -242,7 +246,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--seeds", default="0,1,2", help="TPE + ASHA seeds (the first is the headline)")
     ap.add_argument("--skip-faults", action="store_true")
+    ap.add_argument("--only-faults", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,15 +262,18 @@ def main() -> int:
         res["cpu"] = cpu_facts().get("model") or res["cpu"]
     except Exception:  # noqa: BLE001
         pass
-    res["efficiency"] = eff = efficiency(out, base, args.steps, args.workers)
-    print(json.dumps({k: v for k, v in eff.items() if not k.endswith("curve")}, indent=2))
-    best_run = json.loads((out / "tpe_asha" / "report.json").read_text())["best"][0]["run_dir"]
-    res["harness"] = harness(out, Path(best_run))
-    print(json.dumps(res["harness"], indent=2))
+    if not args.only_faults:
+        res["efficiency"] = eff = efficiency(out, base, args.steps, args.workers,
+                                             [int(s) for s in args.seeds.split(",")])
+        print(json.dumps({k: v for k, v in eff.items() if k not in ("grid_curve", "tpe_asha")}, indent=2))
+        print(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in eff["tpe_asha"]], indent=2))
+        res["harness"] = harness(out, Path(eff["tpe_asha"][0]["run_dir"]))
+        print(json.dumps(res["harness"], indent=2))
     if not args.skip_faults:
         res["faults"] = faults(out, base, args.kills, seed=0)
         print(json.dumps(res["faults"], indent=2))
-    (out / "tune_efficiency.json").write_text(json.dumps(res, indent=2))
+    name = "tune_faults.json" if args.only_faults else "tune_efficiency.json"
+    (out / name).write_text(json.dumps(res, indent=2))
     print(f"wrote {out / 'tune_efficiency.json'} and {out / 'tune_efficiency_curves.png'}")
     return 0
 

@@ -120,3 +120,27 @@ def test_distributed_trial_ranks_share_the_sampled_params(base):
     assert got[0]["params"] == got[1]["params"]
     (t,) = _ledger(base / "dist")
     assert t.state.name == "COMPLETE" and t.params == got[0]["params"]
+
+
+def test_two_coordinators_share_one_study(base):
+    """Two ``lmforge tune`` processes on one journal (as two machines on a shared filesystem), one worker
+    each and parallelism 2: the same trials as the one 2-worker study with that seed, none duplicated."""
+    if not (base / "ref" / "study.journal").is_file():
+        assert _tune(_study(base, "ref"), "--workers", "2").returncode == 0
+    study = _study(base, "pair", extra="parallelism: 2\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "lmforge", "tune", "--config", str(study)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    from lmforge.tune.ordered import slot_attempts
+
+    pair = _ledger(base / "pair")
+    settled = [a[-1] for j, a in sorted(slot_attempts(pair).items()) if j < 4]
+    extra = [t for t in pair if t not in settled]
+    assert all(t.user_attrs.get("lmforge_surplus") for t in extra)  # a race for the last slot is never run
+    ref = [(t.state.name, t.params, round(t.values[0], 6) if t.values else None) for t in _ledger(base / "ref")]
+    assert [(t.state.name, t.params, round(t.values[0], 6) if t.values else None) for t in settled] == ref

@@ -28,7 +28,7 @@ from lmforge.tune.ordered import RETRY_OF, SLOT, final_attempt, slot_attempts
 from lmforge.tune.plan import Plan
 from lmforge.tune.trial import HEARTBEAT, OWNER
 
-ATTEMPTS, CLAIM = "lmforge_attempts", "lmforge_claim"
+FAILURES, CLAIM = "lmforge_failures", "lmforge_claim"
 _MAX_SETUP_CRASHES = 3
 
 
@@ -111,21 +111,25 @@ class Coordinator:
                 continue
             if not self._claim(t):
                 continue
-            self.interrupted(t, "its process is gone")
+            self.interrupted(t, "its process is gone (its lmforge tune or machine stopped)", counts=False)
 
-    def interrupted(self, t, why: str) -> None:
-        """A trial whose process ended without telling: resume it, retry it, or give up."""
+    def interrupted(self, t, why: str, counts: bool = True) -> None:
+        """A trial whose process ended without telling: resume it, retry it, or give up. Only failures of the
+        trial's own process (``counts``: a crash, or a kill while its coordinator lived) use up
+        ``fault.max_retries``; a trial orphaned by its coordinator's or machine's death is always taken up."""
         from optuna.trial import TrialState
 
         fault, storage = self.cfg.fault, self.study._storage
-        attempts = int(t.system_attrs.get(ATTEMPTS, 1))
-        slot_tries = len(slot_attempts(self.trials()).get(self._slot(t), []))
-        if fault.on_interrupt == "resume" and attempts <= fault.max_retries:
-            storage.set_trial_system_attr(t._trial_id, ATTEMPTS, attempts + 1)
-            self.echo(f"[tune] trial {t.number}: {why}; resuming from its checkpoint (attempt {attempts + 1})")
+        failures = int(t.system_attrs.get(FAILURES, 0)) + int(counts)
+        storage.set_trial_system_attr(t._trial_id, FAILURES, failures)
+        slot = slot_attempts(self.trials()).get(self._slot(t), [])
+        slot_failures = sum(int(a.system_attrs.get(FAILURES, 0)) for a in slot[:-1]) + failures
+        if fault.on_interrupt == "resume" and failures <= fault.max_retries:
+            self.echo(f"[tune] trial {t.number}: {why}; resuming from its checkpoint ({failures} failure(s) of "
+                      f"{fault.max_retries} allowed)")
             self.launch(t.number)
             return
-        if fault.on_interrupt == "retry" and slot_tries <= fault.max_retries:
+        if fault.on_interrupt == "retry" and slot_failures <= fault.max_retries:
             self.study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number, SLOT: self._slot(t)})
             self.echo(f"[tune] trial {t.number}: {why}; marked FAIL, its parameters queued again")
         else:
