@@ -79,7 +79,8 @@ def test_unparsable_harness_task(tmp_path):
         task_names([str(bad)])
 
 
-def _run_slots(sampler_name: str, seed: int, n: int, lag: int, jitter: bool, tmp_path: Path) -> list[dict]:
+def _run_slots(sampler_name: str, seed: int, n: int, lag: int, jitter: bool, tmp_path: Path,
+               pruner: str = "none") -> list:
     """Trials from ``lag`` threads sharing one journal study (random finishing order when ``jitter``)."""
     from lmforge.tune.config import StudyConfig
     from lmforge.tune.space import parse_space
@@ -88,6 +89,7 @@ def _run_slots(sampler_name: str, seed: int, n: int, lag: int, jitter: bool, tmp
 
     cfg = StudyConfig(base="x", dir=str(tmp_path), seed=seed, sampler={"name": sampler_name, "n_startup_trials": 3,
                       "population_size": 4}, objective={"metric": "val_loss"},
+                      pruner={"name": pruner, "n_startup_trials": 2, "min_resource": 2, "max_resource": 10},
                       space={"optimizer.lr": [1e-4, 1e-3, 1e-2, 1e-1] if sampler_name == "grid" else
                              {"log": [1e-4, 1e-1]}, "optimizer.weight_decay": {"float": [0, 0.3],
                              "step": 0.1}, "scheduler.name": ["cosine", "linear"]})
@@ -108,8 +110,15 @@ def _run_slots(sampler_name: str, seed: int, n: int, lag: int, jitter: bool, tmp
                     return
                 trial = study.ask()
             p = space.suggest(trial)
-            time.sleep(delays[trial.number])
-            study.tell(trial, (p["optimizer.lr"] - 0.01) ** 2 + p["optimizer.weight_decay"])
+            value = (p["optimizer.lr"] - 0.01) ** 2 + p["optimizer.weight_decay"]
+            for step in range(1, 11):  # a learning curve, checked by the pruner at every step
+                time.sleep(delays[trial.number] / 10)
+                trial.report(value * (1 + 1 / step), step)
+                if trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    break
+            else:
+                study.tell(trial, value)
 
     threads = [threading.Thread(target=work) for _ in range(lag)]
     for t in threads:
@@ -117,7 +126,7 @@ def _run_slots(sampler_name: str, seed: int, n: int, lag: int, jitter: bool, tmp
     for t in threads:
         t.join(60)
     study = build_study(cfg, url, space, lag, n, None, create=False)
-    return [t.params for t in sorted(study.trials, key=lambda t: t.number)]
+    return [(t.params, t.state.name, t.last_step) for t in sorted(study.trials, key=lambda t: t.number)]
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes", "nsga2", "gp"])
@@ -128,6 +137,14 @@ def test_same_seed_same_trials_whatever_the_timing(tmp_path, sampler):
     assert a == b
     c = _run_slots(sampler, 4, n, 2, False, tmp_path / "c")
     assert c != a  # the seed matters
+
+
+@pytest.mark.parametrize("pruner", ["median", "asha", "hyperband"])
+def test_pruning_decisions_do_not_depend_on_timing(tmp_path, pruner):
+    a = _run_slots("tpe", 3, 10, 2, True, tmp_path / "a", pruner)
+    b = _run_slots("tpe", 3, 10, 2, False, tmp_path / "b", pruner)
+    assert a == b
+    assert any(state == "PRUNED" for _, state, _ in a)  # the pruner did prune
 
 
 def test_folds_deterministic_stratified_and_disjoint():

@@ -10,6 +10,7 @@ each fold the running mean is reported (step = fold index), so a pruner can stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
@@ -94,7 +95,7 @@ def run_cv(plan: Plan, run_dir: Path, params: dict, trial, distributed: bool, ra
     hook = PruneHook(trial, metric, distributed, rank0)
     for i, (tr, va) in enumerate(files):
         extra = {"data.train": str(tr), "data.validation": str(va), "data.test": None}
-        single = plan.__class__(**{**plan.__dict__, "metrics": [metric]})
+        single = dataclasses.replace(plan, metrics=[metric])
         out = run_single(single, run_dir / f"fold_{i}", params, None, distributed, rank0, extra)
         if out["state"] != "complete":
             return {**out, "run_dir": str(run_dir)}
