@@ -17,6 +17,12 @@ def tune(config: str, overrides: list[str] | None = None, workers: int = 1, npro
     from lmforge.tune.coordinator import Coordinator
     from lmforge.tune.plan import PLAN, Plan, prepare
 
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        from lmforge.errors import SetupError
+
+        raise SetupError("lmforge tune needs Optuna", hint="pip install 'lmforge[tune]'") from None
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
     if nproc < 1:
