@@ -93,6 +93,11 @@ def curve(study_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
+def steps_to_reach(points: list, target: float):
+    """Training steps spent when the best-so-far curve first reached ``target`` (None: never)."""
+    return next((spent for spent, best in points if best <= target), None)
+
+
 def run_default(out: Path, base: Path) -> float:
     from lmforge.config import load_config
     from lmforge.training.trainer import train
@@ -130,6 +135,7 @@ def efficiency(out: Path, base: Path, steps: int, workers: int, seeds: list[int]
             "seed": seed, "best": a_best, "steps": asha["steps_spent"], "seconds": time.time() - t0,
             "counts": asha["counts"], "best_params": asha["best"][0]["params"], "curve": curve(out / name),
             "within_1pct": a_best <= g_best * 1.01, "steps_ratio": asha["steps_spent"] / res["grid_steps"],
+            "steps_to_within_1pct": steps_to_reach(curve(out / name), g_best * 1.01),
             "tuned_beats_default": a_best < res["default_val_loss"], "run_dir": asha["best"][0]["run_dir"]})
     plot(res, out / "tune_efficiency_curves.png")
     return res
