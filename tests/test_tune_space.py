@@ -55,6 +55,7 @@ def _study(tmp_path, base, body: str) -> Path:
     ("space:\n  method.lora_r: {int: [2, 8], when: {method.name: lora}}\n", "unknown key 'space.method.lora_r'"),
     ("space:\n  optimizer.lr: [0.1]\nstorage: postgresql://nobody@127.0.0.1:1/none\n", "cannot connect"),
     ("space:\n  optimizer.lr: [0.1]\nstorage: sqlite:///x.db\n", "SQLite cannot hold a study with --workers 2"),
+    ("space:\n  optimizer.lr: [0.1]\nstorage: /no/such/folder/s.journal\n", "folder /no/such/folder does not exist"),
 ])
 def test_bad_study_refused_before_anything_is_written(tmp_path, base, body, message):
     from lmforge.tune.cli import tune
@@ -156,3 +157,22 @@ def test_folds_deterministic_stratified_and_disjoint():
     assert sorted(i for p in parts for i in p) == list(range(40))
     assert all(sum(labels[i] for i in p) == 2 for p in parts)  # every fold keeps the 1:3 proportion
     assert parts != fold_indices(labels, 40, 5, True, seed=2)
+
+
+def test_conditional_space_over_finetune_keys():
+    from lmforge.finetune.config import FinetuneConfig
+    from lmforge.tune.space import parse_space
+
+    space = parse_space({"method.name": ["full", "lora"], "method.lora_r": {"int": [4, 32], "log": True,
+                         "when": {"method.name": "lora"}}, "optimizer.lr": {"log": [1e-5, 1e-3]}}, FinetuneConfig)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        t = study.ask()
+        p = space.suggest(t)
+        assert ("method.lora_r" in p) == (p["method.name"] == "lora")  # only sampled when the method is lora
+        seen.add(p["method.name"])
+        study.tell(t, 0.0)
+    assert seen == {"full", "lora"}
+    with pytest.raises(ConfigError, match="not a parameter listed before it"):
+        parse_space({"method.lora_r": {"int": [4, 8], "when": {"method.name": "lora"}}}, FinetuneConfig)

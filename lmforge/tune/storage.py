@@ -41,6 +41,9 @@ def check_storage(url: str, workers: int, default: bool = False) -> None:
                 "time, and parallel trials reporting their evaluations fail with 'database is locked' (optuna "
                 "#820, Optuna's FAQ)", hint="drop storage: (a journal file in the study folder), or use a "
                 "journal file on a shared filesystem or postgresql:// / mysql:// for several machines")
+        db = url.split(":///", 1)[-1]
+        if db and db != ":memory:" and not Path(db).resolve().parent.is_dir():
+            raise ConfigError(f"storage {url}: folder {Path(db).resolve().parent} does not exist")
         return
     if url.startswith("journal://"):
         parent = Path(url[len("journal://"):]).parent
