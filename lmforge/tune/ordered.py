@@ -12,8 +12,8 @@ takes the slot of the trial it repeats). With ``deterministic: true`` and lag P 
   they do not depend on how far concurrent trials have got either.
 
 The views are ordinary ``optuna.Study`` objects over a ``ViewStorage`` that answers trial queries from the
-chosen list and sends everything else (writes, study attributes) to the real storage, so every sampler and
-pruner (Hyperband's bracket studies included) works on them unchanged.
+chosen list, keeps study system attributes to itself and sends everything else to the real storage, so every
+sampler and pruner (Hyperband's bracket studies included) works on them unchanged.
 """
 
 from __future__ import annotations
@@ -85,11 +85,19 @@ def view_trials(trials: list[FrozenTrial], slot: int, lag: int, current: Optiona
 
 
 class ViewStorage:
-    """Trial reads from a fixed list; every other call goes to the real storage."""
+    """Trial reads from a fixed list; study system attributes private to the view (samplers cache derived
+    state there, e.g. NSGA-II's populations: a cache written from another slot's view would leak timing);
+    every other call (trial writes, study directions, user attributes) goes to the real storage."""
 
     def __init__(self, real, trials: list[FrozenTrial]):
-        self._real, self._trials = real, trials
+        self._real, self._trials, self._study_attrs = real, trials, {}
         self._by_id = {t._trial_id: t for t in trials}
+
+    def get_study_system_attrs(self, study_id) -> dict:
+        return dict(self._study_attrs)
+
+    def set_study_system_attr(self, study_id, key, value) -> None:
+        self._study_attrs[key] = value
 
     def __getattr__(self, name):
         return getattr(self._real, name)
