@@ -43,7 +43,7 @@ def lm_base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("modes")
     cfg = tiny_cfg(root / "unused", pack_tiny(root / "data"), training={"max_steps": 8, "eval_every": 4,
-                   "micro_batch_size": 2, "grad_accum_steps": 2}, checkpoint={"every_steps": 4})
+                   "micro_batch_size": 1, "grad_accum_steps": 2}, checkpoint={"every_steps": 4})
     save_config(cfg, root / "base.yaml")
     return root
 
@@ -54,22 +54,22 @@ def test_throughput_autotuning(lm_base):
     from lmforge.tune.throughput import candidate, estimate_bytes
 
     probe = Plan(study={}, kind="train", url="", lag=1, n_slots=1, max_steps=8, metrics=["tokens_per_s"],
-                 global_batch=4)
-    assert candidate(probe, {"training.micro_batch_size": 1})["training.grad_accum_steps"] == 4
+                 global_batch=2)
+    assert candidate(probe, {"training.micro_batch_size": 1})["training.grad_accum_steps"] == 2
     sizes = {mbs: estimate_bytes(probe, load_config(lm_base / "base.yaml", {"training": {"micro_batch_size": mbs}}))
-             for mbs in (2, 4)}
-    budget = (sizes[2] + sizes[4]) / 2 / 2 ** 30  # micro-batch 4 without checkpointing does not fit
+             for mbs in (1, 2)}
+    budget = (sizes[1] + sizes[2]) / 2 / 2 ** 30  # micro-batch 2 without checkpointing does not fit
     study = lm_base / "tp.yaml"
     study.write_text(f"base: {lm_base / 'base.yaml'}\ndir: {lm_base / 'tp'}\n"
                      f"throughput: {{steps: 6, warmup_steps: 2, budget_gb: {budget}}}\n")
     _tune(study, "--objective", "throughput")
     trials = _ledger(lm_base / "tp")
-    assert len(trials) == 6  # micro-batch {1, 2, 4} × activation checkpointing {off, on}
+    assert len(trials) == 4  # micro-batch {1, 2} × activation checkpointing {off, on}
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert pruned and all(t.user_attrs.get("pruned_by") == "estimate" for t in pruned)
     assert all(not (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").exists() for t in pruned)  # never ran
     best = load_config(lm_base / "tp" / "best_throughput.yaml")
-    assert best.training.micro_batch_size * best.training.grad_accum_steps == 4  # the global batch is kept
+    assert best.training.micro_batch_size * best.training.grad_accum_steps == 2  # the global batch is kept
     done = [t for t in trials if t.state.name == "COMPLETE"]
     fastest = max(done, key=lambda t: t.value)
     assert best.training.micro_batch_size == fastest.params["training.micro_batch_size"]
