@@ -6,6 +6,7 @@ from lmforge.distributed.cli import add_distributed_commands
 from lmforge.environment import add_env_commands
 from lmforge.finetune.cli import add_finetune_commands
 from lmforge.serve.cli import add_serve_commands
+from lmforge.tune.cli import add_tune_commands
 
 
 def _cmd_hf(args, extra: list[str]) -> int:
@@ -21,4 +22,4 @@ def add_hf_commands(subparsers) -> None:
 
 
 REGISTRARS: list = [add_data_commands, add_finetune_commands, add_distributed_commands, add_hf_commands,
-                    add_env_commands, add_serve_commands]
+                    add_env_commands, add_serve_commands, add_tune_commands]

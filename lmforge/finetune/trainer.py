@@ -150,17 +150,20 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, on_job=None) -> dict:
     """One run (or its resumption, ``checkpoint.resume``); returns the summary also written to ``summary.json``.
     Under torchrun (or in ranks whose process group is already initialised) every rank calls this and the run
-    is data parallel per ``cfg.distributed``; world size 1 is the single-process run."""
+    is data parallel per ``cfg.distributed``; world size 1 is the single-process run. ``on_job(job)`` may add
+    hooks to the Job before the loop runs (``lmforge tune``: pruning)."""
     from lmforge.distributed.mesh import destroy_distributed
 
     pdims = start(cfg)
     try:
         run = FinetuneRun(cfg, pdims)
-        t0 = time.time()
-        summary = run.finish(run_loop(run.job()), time.time() - t0)
+        t0, job = time.time(), run.job()
+        if on_job is not None:
+            on_job(job)
+        summary = run.finish(run_loop(job), time.time() - t0)
     except BaseException:
         destroy_distributed(abort=True)
         raise
