@@ -228,7 +228,7 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _suggest(loc: tuple, root: type[BaseModel]) -> str:
+def suggest_key(loc: tuple, root: type[BaseModel]) -> str:
     """'; did you mean KEY?' for an unknown key at ``loc``; list indices are matched away and put back
     (``sources.0.feild`` → ``sources.0.field``)."""
     path = ".".join(str(p) for p in loc if not isinstance(p, int))
@@ -252,7 +252,7 @@ def _describe(e: dict, root: type[BaseModel]) -> str:
     """One pydantic error → the message part of its line (no location)."""
     path = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        hint = _suggest(e["loc"], root)
+        hint = suggest_key(e["loc"], root)
         if not hint and "." not in path:
             hint = f" (sections: {', '.join(root.model_fields)})"
         return f"unknown key '{path}'{hint}"

@@ -5,17 +5,14 @@ multiple-choice task runs end to end; ``eval.enabled`` scores a run at its end."
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge.evaluation.lm import score_documents, token_logprobs, windows  # noqa: E402
+from lmforge.evaluation.lm import score_documents, token_logprobs, windows
 
 
 @pytest.mark.parametrize("n, w, s", [(2, 4, 4), (10, 4, 2), (33, 8, 3), (16, 16, 16), (40, 7, 7)])

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 optuna = pytest.importorskip("optuna")
-from test_finetune import cls_files, tiny_run  # noqa: E402,F401  (fixtures)
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_PEAK_FLOPS": "1e11"}
 

@@ -4,18 +4,16 @@ deterministic slot sampler (the same seed gives the same trials whatever the tim
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 optuna = pytest.importorskip("optuna")
 
-from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.training.loop import Limits, TrainState, stop_reason  # noqa: E402
+from lmforge.errors import ConfigError
+from lmforge.training.loop import Limits, TrainState, stop_reason
 
 
 def test_stop_reason_external():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from lmforge.errors import ConfigError
@@ -142,13 +141,13 @@ def parse_param(key: str, spec, where: str) -> Param:
 
 def parse_space(space: dict, schema, origins=None) -> Space:
     """Check every key against ``schema`` (the base job's root model) and every distribution's form."""
-    from lmforge.config_loader import _suggest, valid_keys
+    from lmforge.config_loader import suggest_key, valid_keys
 
     keys, params = set(valid_keys(schema)), []
     for key, spec in space.items():
         where = _where(origins, key)
         if key not in keys:
-            hint = _suggest(tuple(key.split(".")), schema)
+            hint = suggest_key(tuple(key.split(".")), schema)
             raise ConfigError(f"{where}: unknown key 'space.{key}': not a key of the base job "
                               f"({schema.__name__}){hint}")
         params.append(parse_param(key, spec, where))
