@@ -1,0 +1,47 @@
+"""The GPU path's CPU-checkable parts: the fused CE's chunk choice, the memory estimator against the peak of
+live tensors of real steps (what ``max_memory_allocated`` counts on CUDA), FSDP2 on a 1-rank group through the
+one step and checkpoint manager (gloo here; tests/test_cuda.py runs it on NCCL), and the GPU benchmark's and
+suite's dry runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.distributed.estimate import ModelShape, estimate
+from lmforge.models.losses import chunk_rows, linear_cross_entropy
+from lmforge.training.synthetic import SyntheticRun, synthetic_config
+from tests.helpers.memory import tracked_peak
+
+SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=704)
+
+
+def test_chunk_rows_cpu_fixed_cuda_by_logits_bytes():
+    assert chunk_rows(32000, "cpu") == 512
+    assert chunk_rows(32000, "cuda") == 2048  # 2048 × 32000 × 4 B = 250 MiB of float32 logits
+    assert chunk_rows(128256, "cuda") == 512
+    assert chunk_rows(300, "cuda") % 128 == 0 and chunk_rows(300, "cuda") * 300 * 4 <= 256 * 2**20
+
+
+def test_fused_ce_default_chunk_equals_explicit_chunk_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(1100, 32, generator=g), torch.randn(64, 32, generator=g)
+    y = torch.randint(0, 64, (1100,), generator=g)
+    assert torch.equal(linear_cross_entropy(h, w, y), linear_cross_entropy(h, w, y, chunk_size=512))
+
+
+@pytest.mark.parametrize("ac,micro,vocab", [("none", 1, 2048), ("none", 16, 2048), ("full", 16, 2048),
+                                            ("selective", 16, 2048), ("full", 2, 2048), ("none", 8, 8192)])
+def test_estimator_within_8_percent_of_live_tensor_peak(monkeypatch, ac, micro, vocab):
+    """Real bf16 steps (build_engine + TrainStep, attention through SDPA as on CUDA): the estimator's peak is
+    within 8% of the most bytes alive at once (a CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
+    import lmforge.models.common as common
+
+    monkeypatch.setattr(common, "probs_attention_ok", lambda *a: False)  # the CPU-only kernel; CUDA takes SDPA
+    torch.manual_seed(0)
+    cfg = synthetic_config("tiny", vocab=vocab, seq_len=256, micro_batch=micro, precision="bf16", ac=ac, **SHAPE)
+    run = SyntheticRun(cfg, torch.device("cpu"))
+    measured = tracked_peak(run)
+    est = estimate(ModelShape.from_config(cfg.model), "ddp", 1, micro_batch=micro, seq_len=256, precision="bf16",
+                   activation_checkpointing=ac != "none", ac_selective=ac == "selective", ce_chunk=512)
+    assert est["total"] == pytest.approx(measured, rel=0.08), (est, measured)
