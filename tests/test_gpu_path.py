@@ -45,3 +45,22 @@ def test_estimator_within_8_percent_of_live_tensor_peak(monkeypatch, ac, micro, 
     est = estimate(ModelShape.from_config(cfg.model), "ddp", 1, micro_batch=micro, seq_len=256, precision="bf16",
                    activation_checkpointing=ac != "none", ac_selective=ac == "selective", ce_chunk=512)
     assert est["total"] == pytest.approx(measured, rel=0.08), (est, measured)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_on_a_one_rank_gloo_group_resumes_exactly(tmp_path):
+    """The CPU twin of the NCCL test in tests/test_cuda.py: FSDP2 really shards (DTensor params and optimizer
+    state on the 1-rank mesh), stop at 3 → resume → 6 equals the uninterrupted losses bitwise, and the sharded
+    run trains the plain single-process model (fp32: up to clipping-norm rounding)."""
+    from tests.helpers.fsdp_one_rank import one_rank
+    from tests.helpers.ranks import run_ranks
+    from tests.helpers.runs import pack_tiny
+
+    data = pack_tiny(tmp_path / "data")
+    env = {"LMFORGE_PEAK_FLOPS": "1e11", "OMP_NUM_THREADS": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
+    (r,) = run_ranks(one_rank, 1, tmp_path / "ranks", 240, str(data), "gloo", "fp32", env=env)
+    assert r["fsdp_module"] and r["dtensor_params"] and r["dtensor_states"], r
+    assert r["part_stop"] == "stop_at_step" and r["resumed_from"].endswith("step_0000003")
+    assert r["manifest"]["format"] == "dcp"
+    assert r["part"] == r["full"] and sorted(r["full"]) == list(range(1, 7))
+    assert [r["plain"][s] for s in range(1, 7)] == pytest.approx([r["full"][s] for s in range(1, 7)], rel=1e-5)
