@@ -126,7 +126,7 @@ def test_fsdp2_zero3_nccl_one_rank_resume_matches_uninterrupted(tmp_path, data_d
 
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "LMFORGE_PEAK_FLOPS": "1e14",
            "LMFORGE_CACHE": str(tmp_path / "cache")}
-    (r,) = run_ranks(one_rank, 1, tmp_path / "ranks", 300, str(data_dir), "nccl", "bf16", env=env)
+    (r,) = run_ranks(one_rank, 1, tmp_path / "ranks", 150, str(data_dir), "nccl", "bf16", env=env)
     assert r["fsdp_module"] and r["dtensor_params"] and r["dtensor_states"], r
     assert r["part_stop"] == "stop_at_step" and r["resumed_from"].endswith("step_0000003")
     assert r["part"] == r["full"] and sorted(r["full"]) == list(range(1, 7)), (r["part"], r["full"])

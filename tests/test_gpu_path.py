@@ -64,3 +64,57 @@ def test_fsdp2_on_a_one_rank_gloo_group_resumes_exactly(tmp_path):
     assert r["manifest"]["format"] == "dcp"
     assert r["part"] == r["full"] and sorted(r["full"]) == list(range(1, 7))
     assert [r["plain"][s] for s in range(1, 7)] == pytest.approx([r["full"][s] for s in range(1, 7)], rel=1e-5)
+
+
+def _bench(name: str):
+    import importlib
+    import sys
+
+    from tests.helpers.paths import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_gpu_mfu_backs_off_the_micro_batch_on_out_of_memory():
+    mfu = _bench("gpu_mfu")
+    tried = []
+
+    def runner(v):
+        tried.append(v.micro)
+        if v.micro > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"name": v.name, "micro": v.micro, "tokens_per_s": 1.0}
+
+    v = mfu.Variant("lmforge eager", "lmforge", False, "none", 32, 1.0)
+    row = mfu.attempt(v, runner, torch.device("cpu"))
+    assert tried == [32, 27, 22, 18] and row["micro"] == 18 and "OOM at micro 32" in row["note"]
+    broken = mfu.attempt(mfu.Variant("x", "hf", False, "none", 4, 1.0), lambda v: 1 / 0, torch.device("cpu"))
+    assert broken["note"].startswith("FAILED ZeroDivisionError")
+
+
+@pytest.mark.multiprocess
+def test_gpu_suite_dry_run_runs_every_stage_and_summarises(tmp_path):
+    """``bash benchmarks/gpu_suite.sh --dry-run`` on this CPU: env facts, the cuda tests (skipped here), the
+    MFU benchmark (all six variants) and the estimator stage at the tiny shape, one summary table."""
+    import json
+    import os
+    import subprocess
+
+    from tests.helpers.paths import REPO
+
+    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1", LMFORGE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    mfu = json.loads((tmp_path / "gpu_mfu.json").read_text())
+    assert mfu["dry_run"] and mfu["complete"] and len(mfu["results"]) == 6, mfu
+    assert all(r["tokens_per_s"] > 0 and r["mfu_pct"] > 0 for r in mfu["results"])
+    assert {(r["lib"], r["compile"], r["ac"]) for r in mfu["results"]} == {
+        ("lmforge", False, "none"), ("lmforge", True, "none"), ("lmforge", False, "selective"),
+        ("lmforge", True, "selective"), ("hf", False, "none"), ("hf", True, "none")}
+    memory = json.loads((tmp_path / "gpu_memory.json").read_text())
+    assert len(memory["rows"]) == 4 and memory["complete"]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "DRY RUN" in summary and "pytest -m cuda" in summary and "skipped here" in summary
+    assert json.loads((tmp_path / "env.json").read_text())["torch"]["version"] == torch.__version__
