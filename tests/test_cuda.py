@@ -109,11 +109,13 @@ def test_build_optimizer_picks_fused_adamw_on_cuda():
     assert "aten::_fused_adamw_" in _profiled_step(run)
 
 
-@pytest.mark.parametrize("precision,rel", [("fp32", 1e-4), ("bf16", 1e-2)])
-def test_compiled_blocks_train_to_eager_losses(tmp_path, data_dir, precision, rel):
-    _, eager = _train(tmp_path, data_dir, "eager", precision=precision)
-    _, compiled = _train(tmp_path, data_dir, "compiled", precision=precision, compile=True)
-    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=rel)
+def test_compiled_blocks_train_to_eager_losses(tmp_path, data_dir):
+    """fp32 (no TF32), so compiled and eager must agree to 1e-4; bf16 compiled vs eager at the benchmark
+    shape is gpu_mfu.py's loss check. The run stops at step 6 of 7 so no evaluation recompiles in eval mode."""
+    runs = [_train(tmp_path, data_dir, name, precision="fp32", compile=c, max_steps=7, stop_at_step=6)[1]
+            for name, c in (("eager", False), ("compiled", True))]
+    assert [r["loss"] for r in runs[1]] == pytest.approx([r["loss"] for r in runs[0]], rel=1e-4)
+    assert len(runs[1]) == 6
 
 
 def test_fsdp2_zero3_nccl_one_rank_resume_matches_uninterrupted(tmp_path, data_dir):
