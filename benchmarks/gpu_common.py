@@ -88,6 +88,17 @@ def _nvidia_smi(field: str) -> str | None:
         return None
 
 
+def start(script: str, budget_s: float, dry_run: bool) -> tuple["Budget", dict, torch.device, int, dict]:
+    """(budget, shape spec, device, device memory bytes, facts) of a benchmark run; prints its header line."""
+    budget = Budget(budget_s)
+    spec = DRY if dry_run else REAL
+    device, memory = device_and_memory(dry_run)
+    info = facts(device)
+    print(f"{script}: {info['name']} · torch {info['torch']} · CUDA {info['cuda']} · commit {info['commit']} · "
+          f"{spec['preset']} vocab {spec['vocab']} seq {spec['seq_len']} bf16 · budget {budget_s:.0f}s")
+    return budget, spec, device, memory, info
+
+
 class Budget:
     """Wall-clock budget of a script: ``left()`` seconds, ``allows(cost)`` before starting a part."""
 

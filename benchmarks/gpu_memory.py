@@ -50,12 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    budget = gc_.Budget(args.budget_s)
-    spec = gc_.DRY if args.dry_run else gc_.REAL
-    device, _ = gc_.device_and_memory(args.dry_run)
-    info = gc_.facts(device)
-    print(f"gpu_memory: {info['name']} · torch {info['torch']} · {spec['preset']} vocab {spec['vocab']} "
-          f"seq {spec['seq_len']} bf16 eager")
+    budget, spec, device, _, info = gc_.start("gpu_memory", args.budget_s, args.dry_run)
     rows, skipped = [], []
 
     def save(rows: list, skipped: list, complete: bool = False):

@@ -276,12 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.dry_run:
         args.warmup, args.steps = 1, 2
-    budget = gc_.Budget(args.budget_s)
-    spec = gc_.DRY if args.dry_run else gc_.REAL
-    device, memory = gc_.device_and_memory(args.dry_run)
-    info = gc_.facts(device)
-    print(f"gpu_mfu: {info['name']} · torch {info['torch']} · CUDA {info['cuda']} · commit {info['commit']} · "
-          f"{spec['preset']} vocab {spec['vocab']} seq {spec['seq_len']} bf16 · budget {args.budget_s:.0f}s")
+    budget, spec, device, memory, info = gc_.start("gpu_mfu", args.budget_s, args.dry_run)
     record = {"facts": info, "spec": spec, "dry_run": args.dry_run, "budget_s": args.budget_s}
 
     def save(res: dict, complete: bool = False) -> Path:
