@@ -67,13 +67,13 @@ def run_lmforge(v: Variant, cfg_for, device, warmup: int, steps: int, peak: floa
     run = SyntheticRun(cfg, device)
     try:
         m = run.measure(warmup, steps)
-        flops = run.flops_per_token()
+        flops, n_params = run.flops_per_token(), run.base.num_params()
     finally:
         run.close()
     est = estimate(ModelShape.from_config(cfg.model), "ddp", 1, micro_batch=v.micro, seq_len=cfg.data.seq_len,
                    precision="bf16", activation_checkpointing=v.ac != "none", ac_selective=v.ac == "selective")
-    return _row(v, m.tokens_per_s, m.step_s, m.peak_bytes, m.losses, flops, peak,
-                est_bytes=None if v.compile else est["total"])
+    return {**_row(v, m.tokens_per_s, m.step_s, m.peak_bytes, m.losses, flops, peak,
+                   est_bytes=None if v.compile else est["total"]), "params": n_params}
 
 
 def _row(v: Variant, tps, step_s, peak_bytes, losses, flops, peak, est_bytes=None) -> dict:
@@ -84,16 +84,14 @@ def _row(v: Variant, tps, step_s, peak_bytes, losses, flops, peak, est_bytes=Non
             "loss": losses[-1] if losses else None, "flops_per_token": flops}
 
 
-def build_hf(mcfg, seq_len: int, device, compile: bool):
+def build_hf(mcfg, device, compile: bool):
     """``LlamaForCausalLM`` of the lmforge shape ``mcfg``, SDPA attention, fp32 weights built on ``device``,
     per-layer ``.compile()`` (as lmforge compiles per block), fused AdamW."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.ffn_hidden,
-                      num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads,
-                      num_key_value_heads=mcfg.n_kv_heads or mcfg.n_heads, max_position_embeddings=seq_len,
-                      tie_word_embeddings=mcfg.tie_embeddings, rms_norm_eps=mcfg.norm_eps,
-                      rope_theta=mcfg.rope_theta, attention_dropout=0.0)
+    from lmforge.models.hf.llama import config_to_hf  # the one lmforge → HF Llama mapping (hf export uses it)
+
+    cfg = LlamaConfig(**{k: v for k, v in config_to_hf(mcfg, "float32").items() if k != "model_type"})
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -133,8 +131,8 @@ def run_hf(v: Variant, mcfg, seq_len: int, device, warmup: int, steps: int, flop
     from lmforge.training.synthetic import is_oom, release
 
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    model, opt = build_hf(mcfg, seq_len, device, v.compile)
-    start, note = v.micro, None
+    model, opt = build_hf(mcfg, device, v.compile)
+    n_params, start, note = sum(p.numel() for p in model.parameters()), v.micro, None
     try:
         while True:
             try:
@@ -154,7 +152,8 @@ def run_hf(v: Variant, mcfg, seq_len: int, device, warmup: int, steps: int, flop
         del model, opt
         release(device)
     step_s = statistics.median(times)
-    row = _row(v, v.micro * seq_len / step_s, step_s, peak_bytes, [float(x) for x in losses], flops, peak)
+    row = {**_row(v, v.micro * seq_len / step_s, step_s, peak_bytes, [float(x) for x in losses], flops, peak),
+           "params": n_params}
     return {**row, "note": note} if note else row
 
 
@@ -201,6 +200,16 @@ def ratios(rows: list[dict]) -> list[str]:
             out.append(f"{lm[0]['name']} / {hf['name']} at micro-batch {hf['micro']}: "
                        f"{lm[0]['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s (target >= 1.2x)")
     return out
+
+
+def shape_check(rows: list[dict]) -> list[str]:
+    """lmforge and HF must be the same model: the same parameter count (tied weights once)."""
+    counts = {r["lib"]: r["params"] for r in rows if r.get("params")}
+    if len(counts) < 2:
+        return []
+    same = counts["lmforge"] == counts["hf"]
+    return [f"shape check: lmforge {counts['lmforge']:,} parameters, HF {counts['hf']:,}"
+            f" ({'same' if same else 'DIFFERENT: the comparison is not like for like'})"]
 
 
 def loss_check(rows: list[dict]) -> list[str]:
@@ -293,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"estimator's largest micro-batch: {res['estimator_micro']['none'][0]} (no checkpointing), "
           f"{res['estimator_micro']['selective'][0]} (selective)")
     print(gc_.table(res["results"], COLS))
-    for line in ratios(res["results"]) + loss_check(res["results"]) + [f"skipped {s}" for s in res["skipped"]]:
+    checks = shape_check(res["results"]) + loss_check(res["results"])
+    for line in ratios(res["results"]) + checks + [f"skipped {s}" for s in res["skipped"]]:
         print(line)
     path = save(res, complete=True)
     print(f"wrote {path} ({budget.elapsed():.0f}s)")
