@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ class Variant:
     ac: str  # "none" or "selective" (lmforge); HF runs without checkpointing
     micro: int
     cost_s: float  # expected wall time, checked against the budget left before starting
-    result: dict = field(default_factory=dict)
 
 
 def estimate_micro(cfg_for, memory: int, ac: str, cap: int) -> tuple[int, float]:
