@@ -12,11 +12,12 @@ from lmforge.data.tasks_conll import word_predictions
 from lmforge.finetune.data import eval_batches
 from lmforge.finetune.reports import classification_report, entity_report
 from lmforge.models.losses import IGNORE_INDEX
-from lmforge.training.step import autocast_ctx
+from lmforge.training.step import autocast_ctx, to_device as tensor_to_device
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Every tensor of a CPU batch on ``device`` (pinned and asynchronous to CUDA: ``training.step.to_device``)."""
+    return {k: tensor_to_device(v, device) for k, v in batch.items()}
 
 
 @torch.no_grad()
