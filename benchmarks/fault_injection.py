@@ -22,7 +22,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 RUNNER = ("import sys; from lmforge.config import load_config; from lmforge.training.trainer import train; "
           "train(load_config(sys.argv[1], sys.argv[2:]))")
@@ -88,7 +87,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from lmforge.config import save_config
-    from test_train_helpers import pack_tiny, tiny_cfg
+    from tests.helpers.runs import pack_tiny, tiny_cfg
 
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="lmforge-faults-"))

@@ -79,16 +79,21 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.launch import launch_torchrun
 
         return launch_torchrun(args, overrides)
+    _export_launcher()  # mpirun / srun without torchrun: every engine then sees torchrun's variables
     cfg = _train_config(args, overrides)
-    if cfg.distributed.engine == "deepspeed":
-        from lmforge.distributed.deepspeed_engine import train_with_deepspeed
-
-        train_with_deepspeed(cfg)
-        return 0
     from lmforge.training.trainer import train
 
-    train(cfg)
+    train(cfg)  # native at any world size, or the DeepSpeed engine (distributed.engine)
     return 0
+
+
+def _export_launcher() -> None:
+    """Rank, world size and rendezvous discovered from an MPI / Slurm launch, exported as torchrun's variables."""
+    from lmforge.distributed.launch_env import discover
+
+    env = discover()
+    if env.world_size > 1 and env.source != "torchrun":
+        env.export()
 
 
 def _train_config(args: argparse.Namespace, overrides: list[str]):
@@ -159,6 +164,10 @@ def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
         print(reference_markdown())
         return 0
     cfg = load_config(args.config, extra)
+    from lmforge.config_checks import lint
+
+    for warning in lint(cfg):  # a contradiction raises ConfigError
+        print(f"lmforge config: warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 

@@ -6,6 +6,8 @@ from lmforge.data.cli import add_data_commands
 from lmforge.distributed.cli import add_distributed_commands
 from lmforge.environment import add_env_commands
 from lmforge.finetune.cli import add_finetune_commands
+from lmforge.serve.cli import add_serve_commands
+from lmforge.tune.cli import add_tune_commands
 
 
 def _cmd_hf(args, extra: list[str]) -> int:
@@ -21,4 +23,4 @@ def add_hf_commands(subparsers) -> None:
 
 
 REGISTRARS: list = [add_data_commands, add_finetune_commands, add_distributed_commands, add_hf_commands,
-                    add_env_commands, add_compress_commands]
+                    add_env_commands, add_serve_commands, add_tune_commands, add_compress_commands]

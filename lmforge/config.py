@@ -202,6 +202,20 @@ class DistributedConfig(Section):
         return self
 
 
+class EvaluationConfig(Section):
+    """LM evaluation at the end of a run (``lmforge evaluate RUN`` does the same on demand)."""
+
+    enabled: bool = Field(False, description="score the final weights; results in reports/lm_eval.* and as "
+                          "eval_* in summary.json")
+    packed: bool = Field(True, description="perplexity / bits-per-byte on data.path's val split")
+    text: list[str] = Field(default_factory=list, description="raw text files scored as documents")
+    window: Optional[int] = Field(None, ge=2, description="sliding-window length (None: model.max_seq_len)")
+    stride: Optional[int] = Field(None, ge=1, description="window step (None: window/2)")
+    max_tokens: Optional[int] = Field(200_000, ge=2, description="packed data: score at most this many tokens")
+    harness_tasks: list[str] = Field(default_factory=list, description="local lm-evaluation-harness task YAMLs")
+    limit: Optional[int] = Field(None, ge=1, description="harness: examples per task")
+
+
 class Config(Section):
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -212,6 +226,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    eval: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _objective_fits_arch(self) -> "Config":

@@ -228,14 +228,14 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _suggest(loc: tuple, root: type[BaseModel]) -> str:
+def suggest_key(loc: tuple, root: type[BaseModel]) -> str:
     """'; did you mean KEY?' for an unknown key at ``loc``; list indices are matched away and put back
     (``sources.0.feild`` → ``sources.0.field``)."""
     path = ".".join(str(p) for p in loc if not isinstance(p, int))
     keys = list(valid_keys(root))
-    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.5)
-    if not close:  # try matching only the last component within its section
-        parent, _, leaf = path.rpartition(".")
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
+    parent, _, leaf = path.rpartition(".")
+    if not close and parent:  # try matching only the last component within its section
         siblings = [k for k in keys if k.rpartition(".")[0] == parent]
         close = [f"{parent}.{m}" if parent else m
                  for m in difflib.get_close_matches(leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.4)]
@@ -252,7 +252,7 @@ def _describe(e: dict, root: type[BaseModel]) -> str:
     """One pydantic error → the message part of its line (no location)."""
     path = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        hint = _suggest(e["loc"], root)
+        hint = suggest_key(e["loc"], root)
         if not hint and "." not in path:
             hint = f" (sections: {', '.join(root.model_fields)})"
         return f"unknown key '{path}'{hint}"

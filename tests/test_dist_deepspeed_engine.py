@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.ranks import run_ranks
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge.config import ConfigError  # noqa: E402
+from lmforge.config import ConfigError
 from lmforge.distributed.deepspeed_engine import deepspeed_config, import_deepspeed, train_with_deepspeed  # noqa
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 4
 
@@ -128,7 +129,7 @@ def test_deepspeed_engine_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_pat
     import time
 
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
-    from test_train_dist_helpers import finish, popen
+    from tests.helpers.dist_runs import finish, popen
 
     run = tmp_path / "run"
     args = _ds_cli(run, data_dir, ["--training.max_steps=400", "--checkpoint.every_steps=0",
@@ -158,7 +159,7 @@ def test_deepspeed_engine_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_pat
 
 def test_deepspeed_engine_honours_the_time_budget(tmp_path, data_dir):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
-    from test_train_dist_helpers import finish, popen
+    from tests.helpers.dist_runs import finish, popen
 
     run = tmp_path / "run"
     log = tmp_path / "log.txt"

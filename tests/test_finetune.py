@@ -8,58 +8,15 @@ import random
 import pytest
 import torch
 
-from lmforge.config import Config, ConfigError, DataConfig, ModelConfig, save_config
+from lmforge.config import ConfigError
 from lmforge.finetune.cli import add_finetune_commands
 from lmforge.finetune.config import load_finetune_config
 from lmforge.finetune.data import load_task_data
 from lmforge.finetune.model import LlamaBackbone, TaskModel, load_base
 from lmforge.finetune.trainer import apply_layer_lr_decay, finetune
+from tests.helpers.finetune import ft_cfg
 
 torch.set_num_threads(1)
-WORDS = ["the", "movie", "plot", "actor", "scene", "story", "film", "music", "ending", "cast"]
-
-
-def _sentence(rng, label):
-    words = rng.choices(WORDS, k=rng.randint(3, 8))
-    words.insert(rng.randrange(len(words) + 1), "great" if label else "awful")
-    return " ".join(words)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """An lmforge run folder: config.yaml, tokenizer.json, one complete checkpoint of a random tiny Llama."""
-    from lmforge.data.tokenizer import train_tokenizer
-    from lmforge.models import build_model
-    from lmforge.checkpoint import CheckpointManager
-
-    root = tmp_path_factory.mktemp("base")
-    rng = random.Random(0)
-    texts = [_sentence(rng, rng.random() < 0.5) for _ in range(300)] + ["add 1 2 = 3", "<|user|>\n<|assistant|>\n"] * 20
-    tok = train_tokenizer(texts, vocab_size=300)
-    tok.save(root / "tokenizer.json")
-    mc = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=96)
-    save_config(Config(run_dir=str(root), model=mc, data=DataConfig(path=None)), root / "config.yaml")
-    CheckpointManager(root, model=build_model(mc, seed=0)).save(1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cls_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cls")
-    rng = random.Random(1)
-    for name, n in (("train.tsv", 240), ("dev.tsv", 80)):
-        rows = ["sentence\tlabel"]
-        for _ in range(n):
-            y = int(rng.random() < 0.5)
-            rows.append(f"{_sentence(rng, y)}\t{y}")
-        (d / name).write_text("\n".join(rows) + "\n")
-    return d
-
-
-def _cfg(run, tmp_path, train, **over):
-    ov = [f"--base.path={run}", f"--data.train={train}", f"--run_dir={tmp_path / 'ft'}", "--train.batch_size=16",
-          "--data.max_len=32", "--train.eval_batch_size=32", "--train.precision=fp32"] + [f"--{k}={v}" for k, v in over.items()]
-    return load_finetune_config(None, ov)
 
 
 def test_sft_masks_prompt_tokens(tiny_run):
@@ -85,7 +42,7 @@ def test_sft_masks_prompt_tokens(tiny_run):
 
 
 def test_classification_trainer_and_evaluate_cli(tiny_run, cls_files, tmp_path, capsys):
-    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
+    cfg = ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
         "data.validation": cls_files / "dev.tsv", "method.name": "adapter", "method.adapter_size": 16, "base.pooling": "mean",
         "train.epochs": 8, "optimizer.lr": 3e-3, "train.early_stop_patience": 3})
     s = finetune(cfg)
@@ -113,7 +70,7 @@ def test_sft_trainer_learns(tiny_run, tmp_path, method):
         a, b = rng.randint(0, 4), rng.randint(0, 4)
         lines.append(json.dumps({"prompt": f"add {a} {b}", "response": f"{a + b}"}))
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = _cfg(tiny_run, tmp_path, tmp_path / "chat.jsonl", task="sft", **{
+    cfg = ft_cfg(tiny_run, tmp_path, tmp_path / "chat.jsonl", task="sft", **{
         "method.name": method, "train.epochs": 4, "optimizer.lr": 1e-2 if method == "full" else 3e-2,
         "train.eval_every": 5, "method.target_modules": '[".*(wq|wk|wv|wo|w1|w2|w3)"]'})
     s = finetune(cfg)
@@ -137,13 +94,13 @@ def test_sft_trainer_learns(tiny_run, tmp_path, method):
 
 def test_validation_split_is_seeded_and_disjoint(tiny_run, cls_files, tmp_path):
     _, tok, _ = load_base(tiny_run)
-    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.val_fraction": 0.25})
+    cfg = ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.val_fraction": 0.25})
     a, b = load_task_data(cfg, tok), load_task_data(cfg, tok)
     assert len(a.val) == 60 and len(a.train) == 180
     assert [e["input_ids"] for e in a.val] == [e["input_ids"] for e in b.val]
-    c = load_task_data(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.seed": 7}), tok)
+    c = load_task_data(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.seed": 7}), tok)
     assert [e["input_ids"] for e in c.val] != [e["input_ids"] for e in a.val][: len(c.val)]
-    w = load_task_data(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.class_weights": True,
+    w = load_task_data(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{"data.class_weights": True,
                                                                              "data.oversample": True}), tok)
     counts = [sum(e["label"] == k for e in w.train) for k in (0, 1)]
     assert counts[0] == counts[1] and w.class_weights.shape == (2,)
@@ -176,7 +133,7 @@ def test_config_and_base_errors(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="train.metric"):
         load_finetune_config(None, ["--base.path=x", "--data.train=y", "--task=sft",
                                     "--train.metric=accuracy"]).selection_metric()
-    cfg = _cfg(tiny_run, tmp_path, tmp_path / "missing.tsv")
+    cfg = ft_cfg(tiny_run, tmp_path, tmp_path / "missing.tsv")
     with pytest.raises(ConfigError, match="data.train: file not found"):
         finetune(cfg)
     backbone, _, _ = load_base(tiny_run)
@@ -188,7 +145,7 @@ def test_config_and_base_errors(tiny_run, tmp_path):
 def test_trainer_runs_each_method_and_reloads_best(tiny_run, cls_files, tmp_path, method):
     from lmforge.finetune.evaluation import evaluate_run
 
-    cfg = _cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
+    cfg = ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{
         "method.name": method, "method.prefix_len": 4, "method.adalora_init_r": 4, "method.adalora_target_r": 2,
         "method.adalora_delta_t": 2, "train.max_steps": 8, "train.eval_every": 4, "optimizer.lr": 1e-2,
         "data.test": cls_files / "dev.tsv", "train.layer_lr_decay": 0.8})

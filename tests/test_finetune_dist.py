@@ -11,19 +11,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
-from test_finetune import _cfg, cls_files, tiny_run  # noqa: E402,F401  (fixtures)
+from tests.helpers.ranks import run_ranks
+from tests.helpers.finetune import ft_cfg
 
-from lmforge.config import ConfigError  # noqa: E402
-from lmforge.finetune.config import load_finetune_config  # noqa: E402
+from lmforge.config import ConfigError
+from lmforge.finetune.config import load_finetune_config
+
+pytestmark = pytest.mark.multiprocess
 
 LORA = {"method.name": "lora", "method.lora_r": 4, "optimizer.lr": 1e-2, "base.pooling": "mean", "train.log_every": 1}
 TRAIN = {**LORA, "train.max_steps": 45, "train.eval_every": 15}
@@ -44,13 +44,13 @@ def _configs(run, files, chat, root: Path) -> dict:
     z3 = {"distributed.strategy": "zero3"}
     tr, dev = files / "train.tsv", files / "dev.tsv"
     cfgs = {
-        "train": _cfg(run, root / "train", tr, **{**TRAIN, **z3, "data.validation": dev}),
-        "equiv": _cfg(run, root / "equiv", tr, **{**EQUIV, **z3, "data.validation": dev}),
-        "sft": _cfg(run, root / "sft", chat, task="sft", **{**SFT, **z3}),
+        "train": ft_cfg(run, root / "train", tr, **{**TRAIN, **z3, "data.validation": dev}),
+        "equiv": ft_cfg(run, root / "equiv", tr, **{**EQUIV, **z3, "data.validation": dev}),
+        "sft": ft_cfg(run, root / "sft", chat, task="sft", **{**SFT, **z3}),
     }
     for name in COMBOS:
         strategy, method = name.split("_")
-        cfgs[name] = _cfg(run, root / name, tr, **{**SHORT, "distributed.strategy": strategy, "method.name": method})
+        cfgs[name] = ft_cfg(run, root / name, tr, **{**SHORT, "distributed.strategy": strategy, "method.name": method})
     return cfgs
 
 
@@ -84,20 +84,6 @@ def _run(root: Path, name: str) -> Path:
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(2)
-    lines = []
-    for _ in range(60):
-        a, b = rng.randint(0, 4), rng.randint(0, 4)
-        lines.append(json.dumps({"prompt": f"add {a} {b}" + " please" * rng.randint(0, 3), "response": f"{a + b}"}))
-    f = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    f.write_text("\n".join(lines) + "\n")
-    return f
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +213,7 @@ def test_blocks_found_inside_task_model_and_transformers_encoder():
 def test_rank_rows_partition_each_global_batch():
     """Shares are contiguous, disjoint and cover the batch (trimmed to their own longest row); a rank left
     without rows gets one row whose targets are all ignored (it still runs forward/backward)."""
-    from lmforge.data.tasks import IGNORE
+    from lmforge.models.losses import IGNORE_INDEX as IGNORE
     from lmforge.finetune.data import collate
     from lmforge.finetune.data import rank_rows
 

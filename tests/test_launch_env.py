@@ -18,9 +18,8 @@ from lmforge.distributed.launch_env import LaunchEnv, discover, expand_nodelist,
 from lmforge.errors import SetupError
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from test_train_dist_helpers import finish, run_cfg  # noqa: E402
-from test_train_helpers import pack_tiny  # noqa: E402
+from tests.helpers.dist_runs import finish, run_cfg
+from tests.helpers.runs import pack_tiny
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n0",
             "MASTER_PORT": "29500"}
@@ -159,6 +158,7 @@ def test_init_distributed_raises_the_setup_error(monkeypatch):
 
 MPIRUN = shutil.which("mpirun")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not on PATH (Debian: apt-get install openmpi-bin)")
+multiprocess = pytest.mark.multiprocess
 
 
 def _mpirun(args: list[str], log: Path, timeout: float) -> int:
@@ -175,6 +175,7 @@ def _mpirun(args: list[str], log: Path, timeout: float) -> int:
 
 
 @needs_mpirun
+@multiprocess
 def test_mpirun_two_ranks_join_over_gloo(tmp_path):
     log = tmp_path / "log.txt"
     assert _mpirun([str(REPO / "tests" / "launch_worker.py"), str(tmp_path)], log, 120) == 0, log.read_text()[-3000:]
@@ -186,6 +187,7 @@ def test_mpirun_two_ranks_join_over_gloo(tmp_path):
 
 
 @needs_mpirun
+@multiprocess
 def test_mpirun_lmforge_train_without_torchrun(tmp_path):
     from lmforge.config import save_config
 

@@ -4,18 +4,16 @@ bf16 parameters with fp32 master weights."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge import checkpoint as ckpt  # noqa: E402
-from lmforge.training.precision import DynamicLossScaler  # noqa: E402
-from lmforge.training.trainer import train  # noqa: E402
+from lmforge import checkpoint as ckpt
+from lmforge.training.precision import DynamicLossScaler
+from lmforge.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +146,8 @@ def test_bf16_params_with_fp32_master_weights(tmp_path, data_dir):
 
 
 def test_pure_bf16_without_master(tmp_path, data_dir):
-    cfg = tiny_cfg(tmp_path / "p", data_dir, training={"param_dtype": "bfloat16", "master_weights": False,
-                                                        "max_steps": 3, "eval_every": 0})
+    cfg = tiny_cfg(tmp_path / "p", data_dir, training={"param_dtype": "bfloat16", "precision": "bf16",
+                                                        "master_weights": False, "max_steps": 3, "eval_every": 0})
     summary = train(cfg)
     assert summary["stop_reason"] == "max_steps"
     st = ckpt.read_state(ckpt.newest_valid(tmp_path / "p"))

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.data.tasks import (IGNORE, MLMCollator, chat_prompt, encode_chat, encode_classification, pad_collate,
+from lmforge.models.losses import IGNORE_INDEX as IGNORE
+from lmforge.data.tasks import (MLMCollator, chat_prompt, encode_chat, encode_classification, pad_collate,
                                 read_chat_jsonl, read_classification)
 from lmforge.data.tasks_conll import (align_labels, build_label_map, detect_scheme, iob1_to_iob2, iob2_to_iob1,
                                       read_conll, word_predictions)

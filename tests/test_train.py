@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge.config import build_config  # noqa: E402
-from lmforge.models import build_model  # noqa: E402
-from lmforge import checkpoint as ckpt  # noqa: E402
-from lmforge.training.engine import NativeEngine, accumulate_gradients  # noqa: E402
-from lmforge.training.trainer import train  # noqa: E402
+from lmforge.config import build_config
+from lmforge.models import build_model
+from lmforge import checkpoint as ckpt
+from lmforge.training.engine import NativeEngine, accumulate_gradients
+from lmforge.training.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lmforge.training.trainer import train
-from tests.test_train_helpers import pack_tiny, tiny_cfg
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
 
 def _losses(run):

@@ -7,16 +7,16 @@ for inference and consolidation."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
-from test_train_dist_helpers import STEPS, losses, run_cfg, weights  # noqa: E402
-from test_train_helpers import pack_tiny  # noqa: E402
+from tests.helpers.ranks import run_ranks
+from tests.helpers.dist_runs import STEPS, losses, run_cfg, weights
+from tests.helpers.runs import pack_tiny
+
+pytestmark = pytest.mark.multiprocess
 
 SPLIT = 3
 PP2 = {"strategy": "zero3", "dp_shard": 1, "pp": 2, "pp_microbatches": 2}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_dist_helpers import finish, popen, run_cfg  # noqa: E402
-from test_train_helpers import pack_tiny  # noqa: E402
+from tests.helpers.dist_runs import finish, popen, run_cfg
+from tests.helpers.runs import pack_tiny
 
-from lmforge.config import save_config  # noqa: E402
+from lmforge.config import save_config
+
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

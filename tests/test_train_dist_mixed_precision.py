@@ -5,16 +5,15 @@ and keeps fp32 master parameters (the sharded params the optimizer steps, hence 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
-from test_train_dist_helpers import losses, run_cfg, weights  # noqa: E402
-from test_train_helpers import pack_tiny  # noqa: E402
+from tests.helpers.ranks import run_ranks
+from tests.helpers.dist_runs import losses, run_cfg, weights
+from tests.helpers.runs import pack_tiny
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 10
 BF16 = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}

@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import free_port  # noqa: E402
-from test_train_dist_helpers import finish, losses, popen, run_cfg, weights  # noqa: E402
-from test_train_helpers import pack_tiny  # noqa: E402
+from tests.helpers.ranks import free_port
+from tests.helpers.dist_runs import finish, losses, popen, run_cfg, weights
+from tests.helpers.runs import pack_tiny
 
-from lmforge.config import save_config  # noqa: E402
+from lmforge.config import save_config
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_two_node_rendezvous_trains_and_checkpoints(tmp_path):

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
-from lmforge.config import save_config  # noqa: E402
-from lmforge import checkpoint as ckpt  # noqa: E402
-from lmforge.training.trainer import train  # noqa: E402
+from lmforge.config import save_config
+from lmforge import checkpoint as ckpt
+from lmforge.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = "import sys; from lmforge.config import load_config; from lmforge.training.trainer import train; " \

@@ -3,14 +3,11 @@ counts of the CPU batches; the loss and the grad norm are read on logging steps 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.training.trainer import train
-from tests.test_train_helpers import pack_tiny, tiny_cfg
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
 
 def test_wandb_offline_run_written(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
-import warnings
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -170,11 +170,12 @@ def newest_valid(run_dir: str | Path, comm: Optional[Comm] = None) -> Optional[P
         if why is None:
             return folder
         reasons.append(why)
-        if comm.rank == 0:
-            warnings.warn(f"skipping checkpoint {folder.name}: {why}", stacklevel=2)
+        if comm.rank == 0:  # on stderr, not through `warnings`: a filter must never hide a skipped checkpoint
+            print(f"warning: skipping checkpoint {folder.name}: {why}; falling back to an older one",
+                  file=sys.stderr, flush=True)
     if reasons:
-        raise CheckpointError(f"none of the {len(folders)} checkpoints in {Path(run_dir) / 'checkpoints'} verifies:\n  "
-                              + "\n  ".join(reasons),
+        raise CheckpointError(f"none of the {len(folders)} checkpoints in {Path(run_dir) / 'checkpoints'} verifies: "
+                              + "; ".join(reasons),
                               hint="nothing was loaded, deleted or overwritten; restore the folders from a backup, "
                                    "or move them out of checkpoints/ to start the run over")
     return None

@@ -55,7 +55,7 @@ class CheckpointManager:
         """Collective. Writes ``checkpoints/step_<step>`` by the folder protocol, then prunes."""
         pd = self.pdims
         manifest = {"format": "dcp" if self.engine is None else "deepspeed", "world_size": self.comm.size,
-                    "strategy": pd.strategy if pd is not None else "single",
+                    "strategy": pd.strategy if pd is not None and pd.world_size > 1 else "single",
                     "dims": {k: getattr(pd, k) if pd is not None else 1 for k in DIMS},
                     "metrics": {k: v for k, v in (metrics or {}).items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}}

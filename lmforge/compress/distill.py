@@ -75,13 +75,11 @@ def distill(ctx):
                                   "temperature": dc.temperature, "alpha": dc.alpha, "hidden_weight": dc.hidden_weight,
                                   "attention_weight": dc.attention_weight, "steps": ctx.cfg.train.steps}
     if src.kind == "lm":
-        run = lambda alpha, name: train_lm(ctx, lm_of(student), work_dir(ctx, name), objective(alpha))  # noqa: E731
+        run = lambda alpha, name: train_lm(ctx, lm_of(student), work_dir(ctx, name),  # noqa: E731
+                                           lambda default: objective(alpha))
     else:
-        from lmforge.finetune.trainer import TaskObjective
-
-        def run(alpha, name):
-            return train_classifier(ctx, student, work_dir(ctx, name), lambda r: objective(
-                alpha, TaskObjective(r.applied.model, r.data.class_weights)))
+        run = lambda alpha, name: train_classifier(ctx, student, work_dir(ctx, name),  # noqa: E731
+                                                   lambda task_objective: objective(alpha, task_objective))
     if dc.baseline:
         base_model, base_summary = run(0.0, "baseline")
         extra["student, no KD"] = (base_model, None, None)

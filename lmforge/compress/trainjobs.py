@@ -1,10 +1,10 @@
 """The short training runs of compress (pruning recovery, distillation, QAT), through the one loop.
 
-A decoder trains with ``training.trainer.train(cfg, prepare=..., objective=...)``: the source run's config with
-the ``train`` section of the compress config over it, a model of the compressed shape whose weights ``prepare``
-sets before the optimizer exists. A classifier trains with ``finetune.trainer.finetune(cfg, prepare=...,
-objective=...)``: the source fine-tuning config (method full) over a base folder holding the compressed
-backbone. Both are world size 1 on this machine's device, in a scratch folder (``work_dir``) that the command
+A decoder trains with ``training.trainer.train(cfg, on_job, prepare=...)``: the source run's config with the
+``train`` section of the compress config over it, a model of the compressed shape whose weights ``prepare`` sets
+before the optimizer exists, and ``on_job`` putting a distillation objective (if any) on the job's step. A
+classifier trains with ``finetune.trainer.finetune(cfg, on_job, prepare=...)``: the source fine-tuning config
+(method full) over a base folder holding the compressed backbone. Both are world size 1 on this machine's device, in a scratch folder (``work_dir``) that the command
 deletes once the trained model is written as its output.
 """
 
@@ -61,9 +61,21 @@ def lm_config(src_cfg, tc, run_dir: Path, model_cfg):
     return cfg
 
 
+def _objective_hook(objective: Optional[Callable]):
+    """``on_job`` for the loop: ``objective(default)`` builds the training loss from the job's own objective
+    (``LMObjective`` / ``TaskObjective``, kept as the hard-label part of a distillation loss)."""
+    if objective is None:
+        return None
+
+    def on_job(job) -> None:
+        job.step.objective = objective(job.step.objective)
+    return on_job
+
+
 def train_lm(ctx, init: nn.Module, run_dir: Path, objective=None, convert: Optional[Callable] = None):
     """Train a copy of ``init`` (its config and weights) in ``run_dir``; returns (trained model, summary).
-    ``convert(model)`` runs on the fresh model after the weights are loaded (e.g. QAT fake quantization)."""
+    ``objective(default)`` returns the training loss (see ``_objective_hook``); ``convert(model)`` runs on the
+    fresh model after the weights are loaded (e.g. QAT fake quantization)."""
     from lmforge.training.trainer import train
 
     src = ctx.src
@@ -78,14 +90,14 @@ def train_lm(ctx, init: nn.Module, run_dir: Path, objective=None, convert: Optio
             convert(model)
         holder["model"] = model
 
-    summary = train(cfg, prepare=prepare, objective=objective)
+    summary = train(cfg, _objective_hook(objective), prepare=prepare)
     return holder["model"].eval(), finished(summary)
 
 
 def train_classifier(ctx, task_model: nn.Module, run_dir: Path, objective=None,
                      convert: Optional[Callable] = None):
     """Fine-tune a copy of ``task_model`` (method full) in ``run_dir``; returns (best model, summary).
-    ``objective(run)`` builds the training loss from the ``FinetuneRun``."""
+    ``objective(task_objective)`` builds the training loss from the run's ``TaskObjective``."""
     from lmforge.compress.output import _with_heads, write_lm_run
     from lmforge.config import Config, DataConfig
     from lmforge.finetune.trainer import finetune
@@ -118,6 +130,6 @@ def train_classifier(ctx, task_model: nn.Module, run_dir: Path, objective=None,
             convert(model)
         holder["model"] = model
 
-    summary = finetune(cfg, prepare=prepare, objective=objective)
+    summary = finetune(cfg, _objective_hook(objective), prepare=prepare)
     shutil.rmtree(base, ignore_errors=True)
     return holder["model"].eval(), finished(summary)

@@ -50,6 +50,8 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     for reason, items in examples.items():
         for item in items:
             console.print(f"[dim]skipped {reason}: {item}[/]", markup=True, highlight=False)
+    for warning in manifest.get("prepare", {}).get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)  # one unwrapped line, last, where it is seen
     return 0
 
 
@@ -112,7 +114,8 @@ def add_data_commands(subparsers) -> None:
 
     v = dsub.add_parser("verify", help="re-check every shard against manifest checksums (exit 1 on mismatch)")
     v.add_argument("dir")
-    v.add_argument("--fast", action="store_true", help="skip the token-id range check")
+    v.add_argument("--fast", action="store_true", help="do not report token ids >= vocab_size (kept for old "
+                   "scripts: the range check shares the hash's single pass and costs nothing extra)")
     v.set_defaults(func=cmd_verify)
 
 

@@ -83,6 +83,8 @@ class PrepareConfig(Section):
     tokenizer: TokenizerSection = TokenizerSection()
     output: OutputConfig
     strict: bool = Field(False, description="stop with file:line on bad input instead of skipping and counting")
+    max_skipped_fraction: float = Field(0.5, ge=0, le=1, description="warn loudly when more of the input records "
+                                        "are skipped as bad input (strict: any bad input is an error)")
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":

@@ -19,6 +19,7 @@ from lmforge.data.config import PrepareConfig
 from lmforge.data.sources import expand_paths
 
 _RUNTIME_ONLY = {"output": {"dir", "num_workers", "keep_staging"}}
+_REPORT_ONLY = ("max_skipped_fraction",)  # top-level keys that change what is reported, not the output
 
 
 def _stat(path: Path) -> list:
@@ -33,6 +34,8 @@ def inputs_of(cfg: PrepareConfig) -> dict:
     for section, keys in _RUNTIME_ONLY.items():
         for k in keys:
             config[section].pop(k, None)
+    for k in _REPORT_ONLY:
+        config.pop(k, None)
     files = []
     for src in cfg.sources:
         for p in expand_paths(src):

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from lmforge.data.integrity import check_split
 from lmforge.data.pack import read_manifest
 from lmforge.errors import DataError
 
@@ -29,7 +30,8 @@ class MissingSplit(DataError, KeyError):
 
 
 class TokenShards:
-    """All shards of one split, memory-mapped and addressed as one contiguous token stream."""
+    """All shards of one split, memory-mapped and addressed as one contiguous token stream. Opening a split
+    refuses (``DataError``) shards that do not match manifest.json (see ``integrity.check_split``)."""
 
     def __init__(self, path: str | Path, split: str = "train"):
         self.path = Path(path)
@@ -43,16 +45,20 @@ class TokenShards:
         self.eos_id: int = int(self.manifest["eos_id"])
         self.pad_id: Optional[int] = self.manifest.get("pad_id")
         self._maps: list[np.ndarray] = []
+        fix = f"re-run `lmforge data prepare`, or `lmforge data verify {self.path}` to list every problem"
         for e in splits[split]:
             f = self.path / e["file"]
             if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard listed in manifest.json is missing")
+                raise DataError(f"{f}: shard listed in manifest.json is missing", hint=fix)
             size = f.stat().st_size
             if size != e["tokens"] * self.dtype.itemsize:
                 raise DataError(f"{f}: {size} bytes but manifest.json says {e['tokens']} tokens of {self.dtype.name} "
-                                 f"({e['tokens'] * self.dtype.itemsize} bytes); run `lmforge data verify {self.path}`")
+                                f"({e['tokens'] * self.dtype.itemsize} bytes): the shard is truncated or was "
+                                f"replaced", hint=fix)
+        check_split(self.path, self.manifest, split)  # sha256, id range, tokenizer.json; hashed once per file
+        for e in splits[split]:
             if e["tokens"]:
-                self._maps.append(np.memmap(f, dtype=self.dtype, mode="r"))
+                self._maps.append(np.memmap(self.path / e["file"], dtype=self.dtype, mode="r"))
         lens = np.array([len(m) for m in self._maps], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lens)])
 

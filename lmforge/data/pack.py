@@ -74,6 +74,7 @@ class _ShardWriter:
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, np.dtype(dtype), shard_tokens
         self.entries = entries  # finished shards (shared with the progress record)
         self.on_shard = on_shard
+        self.max_ids: dict[str, int] = {}  # largest id of each shard written by this run (seeds the hash cache)
         self.buf: list[np.ndarray] = []
         self.buf_tokens = 0
         self.buf_docs = 0
@@ -110,6 +111,7 @@ class _ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(final)
+        self.max_ids[name] = max(int(arr.max()) for arr in self.buf if len(arr))
         self.entries.append({"file": name, "tokens": self.buf_tokens, "documents": self.buf_docs,
                              "sha256": h.hexdigest()})
         self.buf, self.buf_tokens, self.buf_docs = [], 0, 0
@@ -205,23 +207,47 @@ def pack_documents(
             in_bytes += len(text.encode("utf-8", "surrogatepass"))
             yield text, split
 
-    for tokens, lengths, is_val in _tokenized(_batches(assigned(), batch_bytes or _BATCH_BYTES), tokenizer, dtype, num_workers):
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        if not is_val.any():
-            writers["train"].add(tokens, lengths)
-            continue
-        for split, mask in (("train", ~is_val), ("val", is_val)):
-            if mask.any():
-                sel = np.concatenate([tokens[a:b] for a, b in zip(starts[mask], ends[mask])])
-                writers[split].add(sel, lengths[mask])
+    for encoded in _tokenized(_batches(assigned(), batch_bytes or _BATCH_BYTES), tokenizer, dtype, num_workers):
+        _route(writers, *encoded)
     for w in writers.values():
         w.flush()
     if any(skip.values()):
         raise DataError(f"{out}: progress.json lists more finished documents than the input has "
                          f"({skip}); the input changed since the interrupted run; delete {progress_path} to start over")
-    splits = progress["splits"]
-    manifest = {
+    stats = {"seconds": round(time.time() - t0, 3), "tokenized_bytes": in_bytes}
+    manifest = _manifest(settings, tokenizer, progress["splits"], {**counts, "resumed_documents": resumed}, stats,
+                         extra, val_fraction, out)
+    _atomic_write_json(out / "manifest.json", manifest)
+    progress_path.unlink(missing_ok=True)
+    from lmforge.data.integrity import record
+
+    record(out, {n: (e["sha256"], w.max_ids[n]) for w in writers.values() for e in w.entries
+                 if (n := e["file"]) in w.max_ids}, dtype)
+    return manifest
+
+
+def _route(writers: dict, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray) -> None:
+    """Hand each encoded document of a batch to its split's writer, in order."""
+    if not is_val.any():
+        writers["train"].add(tokens, lengths)
+        return
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        if mask.any():
+            sel = np.concatenate([tokens[a:b] for a, b in zip(starts[mask], ends[mask])])
+            writers[split].add(sel, lengths[mask])
+
+
+def _manifest(settings: dict, tokenizer: Tokenizer, splits: dict, counts: dict, stats: dict, extra: Optional[dict],
+              val_fraction: float, out: Path) -> dict:
+    """The manifest of a finished pack; an empty train split is refused (and its outputs removed) instead."""
+    if not splits["train"]:
+        _clear_outputs(out)  # nothing that `data verify` or training would accept is left
+        raise DataError(_empty_train_message(counts, val_fraction),
+                        hint="give more documents (doc_mode paragraph or line splits a file into several), or set "
+                             "output.val_fraction=0")
+    return {
         **settings,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
@@ -232,14 +258,19 @@ def pack_documents(
             "tokens": {s: sum(e["tokens"] for e in splits[s]) for s in SPLITS},
             "shards": {s: len(splits[s]) for s in SPLITS},
             "empty_skipped": counts["empty_skipped"],
-            "resumed_documents": resumed,
+            "resumed_documents": counts["resumed_documents"],
         },
-        "stats": {"seconds": round(time.time() - t0, 3), "tokenized_bytes": in_bytes},
+        "stats": stats,
         **(extra or {}),
     }
-    _atomic_write_json(out / "manifest.json", manifest)
-    progress_path.unlink(missing_ok=True)
-    return manifest
+
+
+def _empty_train_message(counts: dict, val_fraction: float) -> str:
+    docs = counts["documents"]
+    if not docs["train"] and not docs["val"]:
+        return f"no documents to pack ({counts['empty_skipped']} empty): the train split would be empty"
+    return (f"the train split would be empty: the only {docs['val']} document(s) went to val (the first document "
+            f"always does when output.val_fraction={val_fraction} > 0)")
 
 
 def _load_progress(out: Path, path: Path, settings: dict) -> Optional[dict]:
@@ -261,7 +292,8 @@ def _load_progress(out: Path, path: Path, settings: dict) -> Optional[dict]:
 
 def _clear_outputs(out: Path) -> None:
     """Remove files a previous pack wrote (never anything else in the folder)."""
-    for pattern in ("train_*.bin", "val_*.bin", "*.bin.tmp", "manifest.json", "progress.json", "*.json.tmp"):
+    for pattern in ("train_*.bin", "val_*.bin", "*.bin.tmp", "manifest.json", "progress.json", "*.json.tmp",
+                    ".lmforge-verified.json"):
         for f in out.glob(pattern):
             f.unlink()
 
@@ -269,6 +301,9 @@ def _clear_outputs(out: Path) -> None:
 def read_manifest(path: str | Path) -> dict:
     """Load and sanity-check ``manifest.json`` from a packed-data folder."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest.json in {path}: no such folder (expected a packed data folder written "
+                                f"by `lmforge data prepare`)")
     file = path / "manifest.json" if path.is_dir() else path
     if not file.is_file():
         hint = " (an interrupted prepare left progress.json; rerun it to finish)" if (file.parent / "progress.json").exists() else ""
@@ -284,4 +319,10 @@ def read_manifest(path: str | Path) -> dict:
         raise DataError(f"{file}: format_version {m['format_version']} is newer than this lmforge ({FORMAT_VERSION})")
     if m["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{file}: dtype must be uint16 or uint32, got {m['dtype']!r}")
+    for key in ("vocab_size", "eos_id", "pad_id"):
+        if m.get(key) is not None and not isinstance(m[key], int):
+            raise DataError(f"{file}: '{key}' must be an integer, got {m[key]!r}")
+    for key in ("eos_id", "pad_id"):
+        if m.get(key) is not None and not 0 <= m[key] < m["vocab_size"]:
+            raise DataError(f"{file}: {key} {m[key]} is outside the vocabulary [0, vocab_size={m['vocab_size']})")
     return m

@@ -31,6 +31,7 @@ from lmforge.data.pack import _atomic_write_json, _clear_outputs, pack_documents
 from lmforge.data.parallel import ordered_map
 from lmforge.data.sources import SkipLog, interleave, iter_source
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from lmforge.errors import DataError, UserError
 
 STAGING = "_staging"
 
@@ -176,6 +177,9 @@ def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
     t0 = time.time()
     out = Path(cfg.output.dir)
     inputs = inputs_of(cfg)
+    if cfg.tokenizer.path and load_tokenizer(cfg.tokenizer.path).eos_id is None:  # refused before any work
+        raise DataError(f"tokenizer.path={cfg.tokenizer.path}: the tokenizer has no end-of-text token; packing "
+                        f"needs one to separate documents")
     done, reasons = _previous(out, inputs, force)
     if done is not None:
         if console:
@@ -187,8 +191,17 @@ def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
     if reasons:
         if console:
             console.print(f"[bold yellow]redoing[/] {out}: " + "; ".join(reasons), highlight=False)
-        _clear_outputs(out)
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # the previous output stays until new text is staged
+    created = not out.exists()
+    try:
+        return _prepare_stages(cfg, out, inputs, reasons, console, t0)
+    except UserError:  # bad input: leave nothing half-made (an interruption keeps its resumable stages)
+        shutil.rmtree(out if created else staging, ignore_errors=True)
+        raise
+
+
+def _prepare_stages(cfg: PrepareConfig, out: Path, inputs: dict, reasons: list[str], console, t0: float) -> dict:
+    staging = out / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     docs_path = staging / "docs.jsonl.zst"
     stage1_path = staging / "stage1.json"
@@ -198,12 +211,16 @@ def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
     if not resumed_stage1:
         for f in staging.iterdir():
             f.unlink()
-        _clear_outputs(out)  # shards of an interrupted pack came from other staged text
         if console:
             console.print(f"[bold]stage 1/3[/] reading, cleaning and deduplicating {len(cfg.sources)} source(s)")
         stage1 = {"fingerprint": fp, "seconds": 0.0, **stage_text(cfg, staging, _workers(cfg))}
         stage1["seconds"] = round(time.time() - t0, 3)
         _atomic_write_json(stage1_path, stage1)
+    if not stage1["documents_out"]:
+        raise DataError(nothing_staged_message(stage1), hint=nothing_staged_hint(stage1))
+    if not resumed_stage1:
+        _clear_outputs(out)  # only now: the previous output (or an interrupted pack's shards) is replaced
+    warnings = skipped_share_warnings(stage1, cfg.max_skipped_fraction)
     t1 = time.time()
     if console:
         console.print("[bold]stage 2/3[/] " + (f"loading tokenizer {cfg.tokenizer.path}" if cfg.tokenizer.path
@@ -220,12 +237,62 @@ def prepare(cfg: PrepareConfig, console=None, force: bool = False) -> dict:
     stats.update({"resumed_stage1": resumed_stage1, "tokenizer_seconds": round(t2 - t1, 3),
                   "pack_seconds": round(t3 - t2, 3), "total_seconds": round(t3 - t0, 3),
                   "tokenizer_trained": not cfg.tokenizer.path, "inputs": inputs, "inputs_sha256": digest(inputs),
-                  "redo_reasons": reasons})
+                  "redo_reasons": reasons, "warnings": warnings})
     manifest["prepare"] = stats
     _atomic_write_json(out / "manifest.json", manifest)
     if not o.keep_staging:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+_HINTS = {"missing_field": "set the source's field (--field) to one of the keys found",
+          "missing_column": "set the source's field (--field) to one of the columns listed",
+          "binary": "point the source at text files", "empty_file": "the input files are empty",
+          "bad_row": "every row needs as many fields as the header (quote fields holding the delimiter)"}
+
+
+def _records(stage1: dict) -> tuple[int, int]:
+    """(records read from the inputs, of which skipped as bad input)."""
+    skipped = sum(stage1.get("skipped_input", {}).values())
+    return skipped + sum(s.get("in", 0) for s in stage1.get("sources", {}).values()), skipped
+
+
+def _skips(stage1: dict) -> str:
+    """'missing_field ×3 (first: a.jsonl:1: ...), bad_row ×1 (first: ...)', most frequent reason first."""
+    counts, examples = stage1.get("skipped_input", {}), stage1.get("skipped_examples", {})
+    return ", ".join(f"{reason} ×{n}" + (f" (first: {examples[reason][0]})" if examples.get(reason) else "")
+                     for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def nothing_staged_message(stage1: dict) -> str:
+    """Why stage 1 kept no document: every skip and drop reason, with the first example of each skip."""
+    total, skipped = _records(stage1)
+    if not total:
+        return "no documents to pack: the sources hold no records"
+    parts = [f"skipped {skipped} as bad input: {_skips(stage1)}"] if skipped else []
+    dropped = stage1.get("dropped", {})
+    if dropped:
+        parts.append("dropped " + ", ".join(f"{r} ×{n}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1])))
+    return f"no documents to pack: none of {total} input record{'s' * (total != 1)} was kept; " + "; ".join(parts)
+
+
+def nothing_staged_hint(stage1: dict) -> str:
+    counts = stage1.get("skipped_input", {})
+    top = max(counts, key=counts.get) if counts else None
+    if top in _HINTS:
+        return _HINTS[top]
+    if stage1.get("dropped"):
+        return "the cleaning filters (clean.*) or dedup dropped every document: loosen them"
+    return "check the inputs named above; --strict stops at the first bad input, naming file:line"
+
+
+def skipped_share_warnings(stage1: dict, limit: float) -> list[str]:
+    """A warning when more than ``limit`` of the input records were skipped as bad input."""
+    total, skipped = _records(stage1)
+    if not total or skipped / total <= limit:
+        return []
+    return [f"{skipped} of {total} input records ({skipped / total:.0%}) were skipped as bad input, more than "
+            f"max_skipped_fraction={limit}: {_skips(stage1)}"]
 
 
 def summary_table(manifest: dict):

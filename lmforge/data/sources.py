@@ -170,9 +170,14 @@ def read_jsonl(path: Path, field: str, log: SkipLog, max_bytes: int) -> Iterator
             except json.JSONDecodeError as e:
                 log.skip("malformed_json", where, e.msg)
                 continue
-            value = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(obj, dict):
+                log.skip("missing_field", where, f"the line is a JSON {type(obj).__name__}, not an object")
+                continue
+            value = obj.get(field)
             if not isinstance(value, str):
-                log.skip("missing_field", where, f"no string field '{field}'")
+                found = "; keys: " + ", ".join(map(str, obj)) if obj else "; the object is empty"
+                what = f"no string field '{field}'" if value is None else f"'{field}' is {type(value).__name__}"
+                log.skip("missing_field", where, what + found)
                 continue
             yield value, where
 
@@ -192,7 +197,7 @@ def read_csv(path: Path, field: str, delimiter: str, log: SkipLog, max_bytes: in
             log.skip("empty_file", str(path))
             return
         if field not in header:
-            log.skip("missing_column", f"{path}:1", f"column '{field}' not in header {header}")
+            log.skip("missing_column", f"{path}:1", f"no column '{field}'; the header's columns: {', '.join(header)}")
             return
         col = header.index(field)
         while True:
@@ -207,9 +212,10 @@ def read_csv(path: Path, field: str, delimiter: str, log: SkipLog, max_bytes: in
                 log.skip("malformed_csv", f"{path}:{reader.line_num}", str(e))
                 continue
             where = f"{path}:{reader.line_num}"
-            if len(row) <= col:
-                if row:
-                    log.skip("missing_field", where, f"row has {len(row)} columns")
+            if not row:  # a blank line
+                continue
+            if len(row) != len(header):
+                log.skip("bad_row", where, f"{len(row)} fields, the header has {len(header)}")
                 continue
             yield row[col], where
 
@@ -223,7 +229,7 @@ def read_parquet(path: Path, field: str, log: SkipLog) -> Iterator[tuple[str, st
         log.skip("malformed_parquet", str(path), str(e))
         return
     if field not in pf.schema_arrow.names:
-        log.skip("missing_column", str(path), f"column '{field}' not in {pf.schema_arrow.names}")
+        log.skip("missing_column", str(path), f"no column '{field}'; columns: {', '.join(pf.schema_arrow.names)}")
         return
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[field]):
@@ -246,7 +252,7 @@ def read_hf(path: Path, field: str, split: Optional[str], log: SkipLog) -> Itera
             raise BadInput(f"{path}: choose hf_split from {names}")
         ds = ds[pick]
     if field not in ds.column_names:
-        log.skip("missing_column", str(path), f"column '{field}' not in {ds.column_names}")
+        log.skip("missing_column", str(path), f"no column '{field}'; columns: {', '.join(ds.column_names)}")
         return
     row = 0
     for batch in ds.select_columns([field]).iter(batch_size=1000):

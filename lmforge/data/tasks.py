@@ -7,19 +7,20 @@ Labels use ``IGNORE_INDEX`` (-100, from ``models/losses.py``) where no loss is t
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from lmforge.errors import DataError
 from lmforge.models.losses import IGNORE_INDEX
-
-IGNORE = IGNORE_INDEX  # the name finetune/data.py, finetune/distributed.py and tests import from here
 _TEXT_COLUMNS = ("sentence", "text", "text_a", "review", "content")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
+_FIELDS_HINT = {"\t": "TSV fields are not quoted: a text holding a tab must have it replaced",
+                ",": "quote a field holding a comma: \"like, this\""}
 
 
 @dataclass
@@ -40,40 +41,79 @@ def _pick(columns: Sequence[str], wanted: Optional[str], candidates: tuple[str, 
     raise DataError(f"{path}: no {kind} column among {list(columns)}; pass {kind}_field= (tried {list(candidates)})")
 
 
+def read_text_file(path: Path) -> str:
+    """The whole file as text; bytes that are not UTF-8 are a ``DataError`` at file:line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the first header
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; anything else names file:line."""
+    for n, line in enumerate(read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got a {type(obj).__name__}")
+        yield n, obj
+
+
+def _jsonl_rows(path: Path, text_field, label_field) -> list[tuple[str, str, int]]:
+    rows = []
+    for n, obj in json_lines(path):
+        tf = _pick(list(obj), text_field, _TEXT_COLUMNS, f"{path}:{n}", "text")
+        lf = _pick(list(obj), label_field, _LABEL_COLUMNS, f"{path}:{n}", "label")
+        rows.append((str(obj[tf]), str(obj[lf]), n))
+    return rows
+
+
+def _delimited_rows(path: Path, text_field, label_field) -> list[tuple[str, str, int]]:
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter=delim,
+                        quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+    rows = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file")
+        ti = header.index(_pick(header, text_field, _TEXT_COLUMNS, path, "text"))
+        li = header.index(_pick(header, label_field, _LABEL_COLUMNS, path, "label"))
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)} "
+                                f"({', '.join(header)})", hint=_FIELDS_HINT[delim])
+            rows.append((row[ti].strip(), row[li].strip(), reader.line_num))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed {path.suffix.lstrip('.').upper() or 'CSV'} "
+                        f"({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no examples (a header and no rows)")
+    return rows
+
+
 def read_classification(path: str | Path, text_field: Optional[str] = None, label_field: Optional[str] = None,
                         label_names: Optional[list[str]] = None) -> ClassificationData:
     """Read TSV/CSV (with a header) or JSONL rows of (text, label). Handles SST-2 ``sentence\\tlabel`` and
     ChnSentiCorp ``label\\ttext_a`` layouts by column name. Labels are mapped to 0..K-1 in sorted order
-    unless ``label_names`` fixes the mapping (pass the train split's names when reading dev/test)."""
+    unless ``label_names`` fixes the mapping (pass the train split's names when reading dev/test). A file
+    with no examples, a row with the wrong field count or a label outside ``label_names``: ``DataError``
+    at file:line."""
     path = Path(path)
-    rows: list[tuple[str, str, int]] = []  # (text, label, line)
     if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                tf = _pick(list(obj), text_field, _TEXT_COLUMNS, f"{path}:{n}", "text")
-                lf = _pick(list(obj), label_field, _LABEL_COLUMNS, f"{path}:{n}", "label")
-                rows.append((str(obj[tf]), str(obj[lf]), n))
+        rows = _jsonl_rows(path, text_field, label_field)
+        if not rows:
+            raise DataError(f"{path}: no examples (the file is empty)")
     else:
-        delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file")
-            ti = header.index(_pick(header, text_field, _TEXT_COLUMNS, path, "text"))
-            li = header.index(_pick(header, label_field, _LABEL_COLUMNS, path, "label"))
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) <= max(ti, li):
-                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}")
-                rows.append((row[ti].strip(), row[li].strip(), reader.line_num))
+        rows = _delimited_rows(path, text_field, label_field)
     found = {r[1] for r in rows}
     numeric = all(x.lstrip("-").isdigit() for x in found)
     names = list(label_names) if label_names is not None else sorted(found, key=int if numeric else str)
@@ -125,27 +165,22 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """Each line: ``{"prompt": ..., "response": ...}`` (optional "system") or ``{"messages": [{role, content}]}``."""
     path = Path(path)
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if "messages" in obj:
-                msgs = obj["messages"]
-                if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ROLE_HEADERS
-                                                         and isinstance(m.get("content"), str) for m in msgs):
-                    raise DataError(f"{path}:{n}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
-            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-                msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
-                    {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-            else:
-                raise DataError(f"{path}:{n}: expected 'messages' or string 'prompt' and 'response' keys, got {list(obj)}")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise DataError(f"{path}:{n}: conversation has no assistant turn to learn from")
-            convs.append(msgs)
+    for n, obj in json_lines(path):
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ROLE_HEADERS
+                                                     and isinstance(m.get("content"), str) for m in msgs):
+                raise DataError(f"{path}:{n}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
+        elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+            msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
+                {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+        else:
+            raise DataError(f"{path}:{n}: expected 'messages' or string 'prompt' and 'response' keys, got {list(obj)}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{path}:{n}: conversation has no assistant turn to learn from")
+        convs.append(msgs)
+    if not convs:
+        raise DataError(f"{path}: no conversations (the file is empty)")
     return convs
 
 

@@ -17,28 +17,45 @@ class Sentence:
     words: list[str]
     tags: list[str]
     extra: list[list[str]] = field(default_factory=list)  # other columns (POS, chunk), per word
+    line: int = 0  # file line of the first word (word i is on line ``line + i``)
 
 
 def read_conll(path: str | Path, tag_column: int = -1) -> list[Sentence]:
     """Whitespace-separated columns, blank line between sentences, ``-DOCSTART-`` lines skipped."""
+    from lmforge.data.tasks import read_text_file
+
     path = Path(path)
-    sents, words, tags, extra = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
-                if words:
-                    sents.append(Sentence(words, tags, extra))
-                    words, tags, extra = [], [], []
-                continue
-            if len(parts) < 2:
-                raise DataError(f"{path}:{n}: expected 'word ... tag' columns, got {line.strip()!r}")
-            words.append(parts[0])
-            tags.append(parts[tag_column])
-            extra.append(parts[1:tag_column] if tag_column == -1 else parts[1:])
+    sents, words, tags, extra, start = [], [], [], [], 0
+    for n, line in enumerate(read_text_file(path).split("\n"), 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                sents.append(Sentence(words, tags, extra, start))
+                words, tags, extra = [], [], []
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected 'word ... tag' columns, got {line.strip()!r}")
+        if not words:
+            start = n
+        words.append(parts[0])
+        tags.append(parts[tag_column])
+        extra.append(parts[1:tag_column] if tag_column == -1 else parts[1:])
     if words:
-        sents.append(Sentence(words, tags, extra))
+        sents.append(Sentence(words, tags, extra, start))
     return sents
+
+
+def check_tags(path, sentences: list[Sentence], label2id: Optional[dict[str, int]] = None) -> None:
+    """Every tag is O, B-TYPE or I-TYPE (and in ``label2id`` when given); else ``DataError`` at file:line."""
+    for s in sentences:
+        for i, t in enumerate(s.tags):
+            try:
+                _split(t)
+            except DataError as e:
+                raise DataError(f"{path}:{s.line + i}: {e}") from None
+            if label2id is not None and t not in label2id:
+                raise DataError(f"{path}:{s.line + i}: tag {t!r} does not occur in the training data (labels: "
+                                f"{', '.join(label2id)})")
 
 
 def _split(tag: str) -> tuple[str, Optional[str]]:

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.pack import file_sha256, read_manifest
+from lmforge.data import integrity
+from lmforge.data.pack import read_manifest
 
 
 def verify(path: str | Path, check_ids: bool = True) -> list[str]:
-    """Every problem found (empty list: the folder is intact). Checks presence, size, sha256, id range,
-    the tokenizer hash, and that no stray temporary or unlisted shards remain."""
+    """Every problem found (empty list: the folder is intact). Checks presence, size, sha256, id range (one
+    pass per shard, never the open-time cache), the tokenizer hash, and that no stray temporary or unlisted
+    shards remain."""
     path = Path(path)
     try:
         m = read_manifest(path)
@@ -20,6 +22,7 @@ def verify(path: str | Path, check_ids: bool = True) -> list[str]:
     problems = []
     dtype = np.dtype(m["dtype"]).newbyteorder("<")
     listed = set()
+    scanned: dict[str, tuple[str, int]] = {}  # facts re-read now: refresh the open-time cache with them
     for split, entries in m["splits"].items():
         for e in entries:
             f = path / e["file"]
@@ -31,27 +34,27 @@ def verify(path: str | Path, check_ids: bool = True) -> list[str]:
             if size != e["tokens"] * dtype.itemsize:
                 problems.append(f"{f}: {size} bytes, manifest says {e['tokens']} tokens ({e['tokens'] * dtype.itemsize} bytes)")
                 continue
-            if file_sha256(f) != e["sha256"]:
-                problems.append(f"{f}: sha256 mismatch (file changed or corrupt)")
-                continue
-            if check_ids and e["tokens"]:
-                arr = np.memmap(f, dtype=dtype, mode="r")
-                top = int(arr.max())
-                if top >= m["vocab_size"]:
-                    problems.append(f"{f}: token id {top} >= vocab_size {m['vocab_size']}")
+            scan = integrity.scan_shard(f, dtype, m["vocab_size"])  # sha256 and id range in one pass
+            scanned[e["file"]] = (scan.sha256, scan.max_id)
+            if scan.sha256 != e.get("sha256"):
+                problems.append(f"{f}: sha256 mismatch (file changed or corrupt): {scan.sha256}, manifest says "
+                                f"{e.get('sha256')}")
+            if check_ids and scan.first_bad:
+                pos, tid = scan.first_bad
+                problems.append(f"{f}: token id {tid} at position {pos} >= vocab_size {m['vocab_size']}")
     tok = path / "tokenizer.json"
     if not tok.is_file():
         problems.append(f"{tok}: missing")
     elif m.get("tokenizer_sha256"):
-        from lmforge.data.tokenizer import load_tokenizer
-
-        if load_tokenizer(tok).sha256() != m["tokenizer_sha256"]:
+        if integrity.tokenizer_sha256(tok, m["tokenizer_sha256"]) != m["tokenizer_sha256"]:
             problems.append(f"{tok}: sha256 differs from manifest tokenizer_sha256")
     for f in sorted(path.glob("*.bin")):
         if f.name not in listed:
             problems.append(f"{f}: shard not listed in manifest.json")
     for f in sorted(path.glob("*.tmp")):
         problems.append(f"{f}: leftover temporary file from an interrupted write")
+    if scanned:
+        integrity.record(path, scanned, dtype.name)
     return problems
 
 

@@ -8,8 +8,7 @@ import importlib
 _EXPORTS = {
     "ParallelDims": "mesh", "init_distributed": "mesh", "destroy_distributed": "mesh",
     "parallelize_model": "parallelize", "shard_optimizer": "parallelize",
-    "clip_grad_norm": "utils", "global_token_count": "utils", "grad_sync": "utils", "normalize_loss": "utils",
-    "rank0_print": "utils",
+    "clip_grad_norm": "utils", "grad_sync": "utils",
 }
 __all__ = list(_EXPORTS)
 

@@ -179,7 +179,7 @@ def train_with_deepspeed(cfg: Config) -> dict:
     from lmforge.training.loop import run_loop
     from lmforge.training.optim import build_optimizer
     from lmforge.training.schedule import build_scheduler
-    from lmforge.training.trainer import finish, lm_job
+    from lmforge.training.trainer import finish, lint_config, lm_job
 
     cfg = cfg.model_copy(deep=True)
     tc = cfg.training
@@ -194,6 +194,7 @@ def train_with_deepspeed(cfg: Config) -> dict:
                                      int(os.environ.get("LOCAL_RANK", 0)), device)
     if dist.get_backend() != "gloo":
         pdims.host_group = dist.new_group(backend="gloo")
+    lint_config(cfg, pdims, device)
     choice = resolve_precision(cfg, pdims, device)  # auto → this machine's dtype, the same on every rank
     ds_cfg = deepspeed_config(cfg)
     base = build_model(cfg.model, device="meta")  # the one build path; DeepSpeed does the data parallelism

@@ -52,7 +52,7 @@ class ParallelDims:
         degrees = {"dp_replicate": dcfg.dp_replicate, "dp_shard": dcfg.dp_shard, "tp": dcfg.tp, "pp": dcfg.pp}
         unknown = [k for k, v in degrees.items() if v == -1]
         if len(unknown) > 1:
-            raise ConfigError(f"only one of distributed.{{dp_replicate,dp_shard,tp,pp}} may be -1; got -1 for "
+            raise ConfigError("only one of distributed.{dp_replicate,dp_shard,tp,pp} may be -1; got -1 for "
                               + ", ".join(f"distributed.{k}" for k in unknown))
         known = 1
         for k, v in degrees.items():

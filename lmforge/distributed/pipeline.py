@@ -71,7 +71,7 @@ def split_for_pipeline(model: nn.Module, pdims: ParallelDims) -> PipelineStageMo
 def build_schedule(stage_module: nn.Module, pdims: ParallelDims, cfg,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """``loss_fn(logits_BTV, labels_BT)`` per micro-batch; gradients are *summed* over micro-batches
-    (``scale_grads=False``), so normalise the loss by the global token count (see ``normalize_loss``)."""
+    (``scale_grads=False``), so the loss carries the step's normalisation (``training/engine.PipelineEngine``)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     dcfg = cfg.distributed

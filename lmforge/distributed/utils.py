@@ -1,10 +1,7 @@
-"""Helpers a training loop needs under any parallelism: token-count loss normalisation, global-norm gradient
-clipping over DTensor/FSDP/TP/PP params, gradient-sync control on accumulation micro-steps, rank-0 printing.
-
-Loss normalisation: with data-parallel gradient *averaging* (DDP and FSDP2 divide by the dp size), each
-rank's loss must be ``sum_of_token_losses * dp / global_valid_tokens`` so the averaged gradient equals the
-gradient of the mean loss over every valid token of the global batch (all micro-steps, all ranks).
-"""
+"""What the one step needs under any parallelism (``training/engine.py``): global-norm gradient clipping over
+DTensor/FSDP/TP/PP params without a host sync, gradient-sync control on accumulation micro-steps, and the
+per-rank state bytes a run reports. (Loss normalisation, ``loss_sum × dp / global targets``, is in
+``training/step.py``.)"""
 
 from __future__ import annotations
 
@@ -18,27 +15,7 @@ import torch.nn as nn
 from lmforge.distributed.mesh import ParallelDims
 
 
-def global_token_count(local_count: int | torch.Tensor, pdims: ParallelDims) -> int:
-    """Sum of valid (non-ignored) target tokens over the dp group."""
-    n = torch.as_tensor(local_count, dtype=torch.int64, device=pdims.device).reshape(())
-    if pdims.dp > 1:
-        n = n.clone()
-        dist.all_reduce(n, group=pdims.group("dp"))
-    return int(n.item())
 
-
-def normalize_loss(loss_sum: torch.Tensor, global_tokens: int, pdims: ParallelDims) -> torch.Tensor:
-    """Per-rank loss to backprop so dp-averaged gradients match the global token mean."""
-    return loss_sum * (pdims.dp / max(global_tokens, 1))
-
-
-def reduce_mean(value: float | torch.Tensor, pdims: ParallelDims, dim: str = "dp") -> float:
-    """Average a scalar (e.g. a logged loss) over a mesh dim."""
-    t = torch.as_tensor(value, dtype=torch.float64, device=pdims.device).reshape(()).clone()
-    if pdims.is_distributed and getattr(pdims, dim) > 1:
-        dist.all_reduce(t, group=pdims.group(dim))
-        t /= getattr(pdims, dim)
-    return float(t.item())
 
 
 def _sq_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -96,10 +73,6 @@ def grad_sync(model: nn.Module, enabled: bool):
     else:
         yield
 
-
-def rank0_print(pdims: ParallelDims, *args, **kwargs) -> None:
-    if pdims.is_rank0:
-        print(*args, **kwargs, flush=True)
 
 
 def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:

@@ -14,8 +14,11 @@ from typing import Iterator, Optional
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.data.tasks import IGNORE, encode_chat, pad_collate, read_chat_jsonl, read_classification
-from lmforge.data.tasks_conll import align_labels, build_label_map, detect_scheme, iob1_to_iob2, read_conll
+from lmforge.models.losses import IGNORE_INDEX
+from lmforge.data.tasks import encode_chat, pad_collate, read_chat_jsonl, read_classification
+from lmforge.data.tasks_conll import (Sentence, align_labels, build_label_map, check_tags, detect_scheme, iob1_to_iob2,
+                                      read_conll)
+from lmforge.errors import DataError
 
 
 @dataclass
@@ -73,32 +76,52 @@ def encode_conll_file(path: str, tokenizer, max_len: int, label2id: Optional[dic
     """→ (examples with word_ids and gold IOB2 word tags, label map, scheme of the file)."""
     sents = read_conll(path)
     if not sents:
-        raise ConfigError(f"{path}: no sentences found")
+        raise DataError(f"{path}: no sentences (the file holds no 'word ... tag' lines)")
+    check_tags(path, sents)
     scheme = detect_scheme(sents)  # on the whole file: a subset may hold no IOB1-revealing entity
     keep = _sample(len(sents), max_examples, seed)
     if keep is not None:
         sents = [sents[i] for i in keep]
     tags = [iob1_to_iob2(s.tags) if scheme == "iob1" else s.tags for s in sents]
     if label2id is None:
-        from lmforge.data.tasks_conll import Sentence
-
         label2id = build_label_map([Sentence(s.words, t) for s, t in zip(sents, tags)])
-    unknown = sorted({t for ts in tags for t in ts} - set(label2id))
-    if unknown:
-        raise ConfigError(f"{path}: tags {unknown} do not occur in the training data (labels: {list(label2id)})")
+    check_tags(path, [Sentence(s.words, t, line=s.line) for s, t in zip(sents, tags)], label2id)
     pre, post = specials(tokenizer)
     room = max_len - len(pre) - len(post)
     out = []
     for s, t in zip(sents, tags):
         a = align_labels(tokenizer, s.words, t, label2id, max_len=room)
         out.append({"input_ids": pre + a["input_ids"] + post,
-                    "labels": [IGNORE] * len(pre) + a["labels"] + [IGNORE] * len(post),
+                    "labels": [IGNORE_INDEX] * len(pre) + a["labels"] + [IGNORE_INDEX] * len(post),
                     "word_ids": [-1] * len(pre) + a["word_ids"] + [-1] * len(post), "tags": t})
     return out, label2id, scheme
 
 
 def encode_sft_file(path: str, tokenizer, max_len: int) -> list[dict]:
     return [encode_chat(tokenizer, conv, max_len) for conv in read_chat_jsonl(path)]
+
+
+def require_targets(examples: list[dict], path: str, max_len: int) -> list[dict]:
+    """``examples`` when something is left to learn or score; else ``DataError`` naming the file. (The readers
+    refuse files without examples; this catches what truncation to ``data.max_len`` left without a target.)"""
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    if "labels" in examples[0] and not any(y != IGNORE_INDEX for e in examples for y in e["labels"]):
+        raise DataError(f"{path}: none of the {len(examples)} examples has a target token left after truncation "
+                        f"to data.max_len={max_len}", hint="raise data.max_len, or shorten the prompts")
+    return examples
+
+
+def read_eval_file(cfg, path: str, tokenizer, labels: list[str], max_examples: Optional[int] = None) -> list[dict]:
+    """A file in the run's task format, encoded with the training label set, for ``lmforge evaluate``."""
+    d = cfg.data
+    if cfg.task == "classification":
+        examples = encode_classification_file(path, tokenizer, d.max_len, labels, d.text_field, d.label_field)[0]
+    elif cfg.task == "token-classification":
+        examples = encode_conll_file(path, tokenizer, d.max_len, {t: i for i, t in enumerate(labels)})[0]
+    else:
+        examples = encode_sft_file(path, tokenizer, d.max_len)
+    return require_targets(examples[:max_examples] if max_examples else examples, path, d.max_len)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -115,7 +138,17 @@ def _split(examples: list, frac: float, seed: int) -> tuple[list, list]:
 
 
 def load_task_data(cfg, tokenizer) -> TaskData:
-    """Train/validation/test examples for ``cfg`` (a FinetuneConfig)."""
+    """Train/validation/test examples for ``cfg`` (a FinetuneConfig); a split with nothing to learn or score
+    is a ``DataError`` naming its file (an empty validation set would report a meaningless best score)."""
+    data, d = _read_task_data(cfg, tokenizer), cfg.data
+    for examples, path in ((data.train, d.train), (data.val, d.validation or f"{d.train} (data.val_fraction part)"),
+                           (data.test, d.test)):
+        if examples is not None:
+            require_targets(examples, path, d.max_len)
+    return data
+
+
+def _read_task_data(cfg, tokenizer) -> TaskData:
     d = cfg.data
     for key in ("train", "validation", "test"):
         _check_file(getattr(d, key), f"data.{key}")
@@ -161,7 +194,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
         if d.class_weights:
             from lmforge.data.augment import class_weights
 
-            cw = class_weights([y for e in train for y in e["labels"] if y != IGNORE], len(label2id))
+            cw = class_weights([y for e in train for y in e["labels"] if y != IGNORE_INDEX], len(label2id))
         return TaskData(train, cap(val), cap(test) if test else None, list(label2id), scheme, cw)
     train = subset(encode_sft_file(d.train, tokenizer, d.max_len))
     if d.validation:
@@ -226,7 +259,7 @@ def rank_rows(batch: dict, rank: int, world: int) -> dict:
         part = {k: v[:1].clone() for k, v in batch.items()}
         for k in ("label", "labels"):
             if k in part:
-                part[k].fill_(IGNORE)
+                part[k].fill_(IGNORE_INDEX)
     T = max(1, int(part["attention_mask"].sum(1).max()))
     return {k: v[:, :T] if v.dim() == 2 else v for k, v in part.items()}
 

@@ -12,11 +12,12 @@ from lmforge.data.tasks_conll import word_predictions
 from lmforge.finetune.data import eval_batches
 from lmforge.finetune.reports import classification_report, entity_report
 from lmforge.models.losses import IGNORE_INDEX
-from lmforge.training.step import autocast_ctx
+from lmforge.training.step import autocast_ctx, to_device as tensor_to_device
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Every tensor of a CPU batch on ``device`` (pinned and asynchronous to CUDA: ``training.step.to_device``)."""
+    return {k: tensor_to_device(v, device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
 
     from lmforge.config import ConfigError
     from lmforge.finetune.config import load_finetune_config
-    from lmforge.finetune.data import encode_classification_file, encode_conll_file, encode_sft_file
+    from lmforge.finetune.data import read_eval_file
     from lmforge.finetune.methods import load_adapter
     from lmforge.finetune.model import load_base
     from lmforge.finetune.reports import print_report, write_report
@@ -117,15 +118,7 @@ def evaluate_run(run_dir: str, data_file: str, name: str = "eval", max_examples:
     tok = load_run_tokenizer(run, backbone, tok)  # a vocabulary extended by base.add_unknown_chars
     applied = build_task_model(cfg, 1, labels, backbone)
     load_adapter(applied, run / "best")
-    d = cfg.data
-    if cfg.task == "classification":
-        examples = encode_classification_file(data_file, tok, d.max_len, labels, d.text_field, d.label_field)[0]
-    elif cfg.task == "token-classification":
-        examples = encode_conll_file(data_file, tok, d.max_len, {t: i for i, t in enumerate(labels)})[0]
-    else:
-        examples = encode_sft_file(data_file, tok, d.max_len)
-    if max_examples:
-        examples = examples[:max_examples]
+    examples = read_eval_file(cfg, data_file, tok, labels, max_examples)  # DataError when nothing to score
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     model = applied.model
     if runtime == "onnxruntime":

@@ -127,6 +127,8 @@ def build_task_model(cfg: FinetuneConfig, total_steps: int, label_names: list[st
 def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int) -> Path:
     """The fine-tuned decoder in its base's format: an lmforge run folder (``sft_run/``, usable by
     ``lmforge generate --run``) or, for an imported HF base, an HF folder (``sft_hf/``)."""
+    from lmforge.serve.chat import save_chat_template
+
     lm = model.backbone.model
     if base_info["kind"] == "lmforge":
         from lmforge.config import load_config, save_config
@@ -137,32 +139,32 @@ def export_sft(model: TaskModel, tok, base_info: dict, run_dir: Path, step: int)
         out.mkdir(parents=True, exist_ok=True)
         save_config(base_cfg, out / "config.yaml")
         tok.save(out / "tokenizer.json")
+        save_chat_template(out)  # the SFT chat layout, read by `lmforge serve` for /v1/chat/completions
         CheckpointManager(out, model=lm, shared={"finetune": DictState({"run": str(run_dir)})}).save(max(step, 1))
         return out
     from lmforge.models.hf import save_hf
 
     out = save_hf(lm, run_dir / "sft_hf")
     tok.save(out / "tokenizer.json")
+    save_chat_template(out)
     return out
 
 
-def finetune(cfg: FinetuneConfig, *, prepare=None, objective=None) -> dict:
+def finetune(cfg: FinetuneConfig, on_job=None, *, prepare=None) -> dict:
     """One run (or its resumption, ``checkpoint.resume``); returns the summary also written to ``summary.json``.
     Under torchrun (or in ranks whose process group is already initialised) every rank calls this and the run
-    is data parallel per ``cfg.distributed``; world size 1 is the single-process run.
-
-    Hooks for jobs built on fine-tuning (``lmforge compress``): ``prepare(task_model)`` runs on the task model
-    (method applied) before the engine is built; ``objective(run)`` returns the training loss that replaces
-    ``TaskObjective`` (evaluation and best-weight selection are unchanged)."""
+    is data parallel per ``cfg.distributed``; world size 1 is the single-process run. ``on_job(job)`` may add
+    hooks to the Job before the loop runs (``lmforge tune``: pruning; ``lmforge compress``: a distillation
+    objective in place of ``TaskObjective``); ``prepare(task_model)`` runs on the task model (method applied)
+    before the engine is built (``lmforge compress``: the compressed weights)."""
     from lmforge.distributed.mesh import destroy_distributed
 
     pdims = start(cfg)
     try:
         run = FinetuneRun(cfg, pdims, prepare)
-        job = run.job()
-        if objective is not None:
-            job.step.objective = objective(run)
-        t0 = time.time()
+        t0, job = time.time(), run.job()
+        if on_job is not None:
+            on_job(job)
         summary = run.finish(run_loop(job), time.time() - t0)
     except BaseException:
         destroy_distributed(abort=True)

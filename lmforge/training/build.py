@@ -61,7 +61,10 @@ def resolve_precision(cfg: Config, pdims, device: torch.device):
     """``training.precision`` (``auto`` included) → this machine's choice, written into ``cfg`` so the saved
     config states the resolved value. Returns the ``PrecisionChoice`` (reason, probe numbers) for the log and
     summary."""
-    choice = agree_precision(cfg.training.precision, pdims, device, "training.precision")
+    want = cfg.training.precision
+    if want == "auto" and cfg.training.param_dtype == "bfloat16":
+        want = "bf16"  # bf16 parameters compute in bf16
+    choice = agree_precision(want, pdims, device, "training.precision")
     cfg.training.precision = choice.precision
     return choice
 

@@ -12,6 +12,7 @@ Legend: B micro-batch size, T sequence length, V vocab.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.losses import IGNORE_INDEX
-from lmforge.training.step import autocast_ctx, grad_norm_and_clip, schedule_step
+from lmforge.training.step import autocast_ctx, grad_norm_and_clip, schedule_step, to_device
 
 
 class NativeEngine:
@@ -30,6 +31,8 @@ class NativeEngine:
         self.scaler, self.master = scaler, master
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip_params = master.master_params if master else self.params
+        # the layout, not the world size, decides: FSDP2 on a 1-rank mesh has DTensor params too
+        self.sharded = pdims.is_distributed or any(_is_dtensor(p) for p in self.params)
 
     def forward_backward(self, micro: list[dict], objective, factor: float) -> torch.Tensor:
         """Backward of ``loss_sum × factor`` per micro-batch; returns the summed loss (device, unscaled)."""
@@ -45,14 +48,14 @@ class NativeEngine:
         return loss_sum
 
     def _sync(self, last: bool):
-        if not self.pdims.is_distributed:
+        if not self.sharded:
             return contextlib.nullcontext()
         from lmforge.distributed.utils import grad_sync
 
         return grad_sync(self.model, last)
 
     def clip(self, max_norm: Optional[float]) -> torch.Tensor:
-        if not self.pdims.is_distributed:
+        if not self.sharded:
             return grad_norm_and_clip(self.clip_params, max_norm)
         from lmforge.distributed.utils import clip_grad_norm
 
@@ -92,6 +95,11 @@ class NativeEngine:
         return objective.loss_sum(self.model, batch, self.device)
 
 
+def _is_dtensor(t) -> bool:  # without importing torch.distributed.tensor where no DTensor can exist
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 class PipelineEngine(NativeEngine):
     """pp > 1: all accumulation micro-batches form one pipelined batch (``distributed.pp_microbatches``
     splits it); the last stage's loss_fn sums the CE and scales it by the step's factor."""
@@ -116,8 +124,8 @@ class PipelineEngine(NativeEngine):
     def forward_backward(self, micro: list[dict], objective, factor: float) -> torch.Tensor:
         from lmforge.distributed.pipeline import pipeline_step
 
-        x_BT = torch.cat([m["input_ids"] for m in micro]).to(self.device)
-        y_BT = torch.cat([m["labels"] for m in micro]).to(self.device)
+        x_BT = to_device(torch.cat([m["input_ids"] for m in micro]), self.device)
+        y_BT = to_device(torch.cat([m["labels"] for m in micro]), self.device)
         self.pp_state.update(scale=factor, ce=[])
         with autocast_ctx(self.device, self.precision):
             pipeline_step(self.schedule, self.pdims, x_BT, y_BT)
@@ -138,9 +146,9 @@ class PipelineEngine(NativeEngine):
             x_BT = torch.cat([x_BT, x_BT[:1].expand(pad, -1)])
             y_BT = torch.cat([y_BT, torch.full((pad, y_BT.shape[1]), IGNORE_INDEX, dtype=y_BT.dtype)])
         self.pp_state.update(scale=1.0, ce=[])
-        target = y_BT.to(self.device) if self.pdims.is_last_stage else None
+        target = to_device(y_BT, self.device) if self.pdims.is_last_stage else None
         if self.pdims.pp_rank == 0:
-            self.schedule.eval(x_BT.to(self.device), target=target)
+            self.schedule.eval(to_device(x_BT, self.device), target=target)
         else:
             self.schedule.eval(target=target)
         return self._ce()

@@ -70,14 +70,18 @@ class Job:
     on_eval: Optional[Callable[[int, dict], None]] = None  # fine-tuning keeps its best weights here
     on_start: Optional[Callable[[object], None]] = None  # after resume, with the logger
     extra_record: Optional[Callable[[], dict]] = None  # e.g. loss_scale, mem_gb on log lines
+    external_stop: Optional[Callable[[], Optional[str]]] = None  # after each step: a reason to stop (e.g. a tuning
+    # pruner's "pruned", set from ``on_eval``); agreed by every rank; the run stops with the usual final save
 
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def stop_reason(st: TrainState, lim: Limits, out, early_stop: bool, signal: Optional[str]) -> Optional[str]:
-    """Why the run stops after this step, or None to go on (first match wins)."""
+def stop_reason(st: TrainState, lim: Limits, out, early_stop: bool, signal: Optional[str],
+                external: Optional[str] = None) -> Optional[str]:
+    """Why the run stops after this step, or None to go on (first match wins). ``external``: the Job's
+    ``external_stop()`` (a finished run still says max_steps; an external stop wins over per-invocation ones)."""
     if st.bad_streak >= lim.max_bad_steps:
         return "non_finite"
     if out is not None and out.scaler_stop:
@@ -86,6 +90,8 @@ def stop_reason(st: TrainState, lim: Limits, out, early_stop: bool, signal: Opti
         return "early_stop"
     if st.step >= lim.max_steps:
         return "max_steps"
+    if external:
+        return external
     if lim.stop_at_step is not None and st.step >= lim.stop_at_step:
         return "stop_at_step"
     if out is not None and out.budget:
@@ -127,7 +133,8 @@ def run_loop(job: Job) -> dict:
                 if due(st.step, lim.eval_every) and st.step < lim.max_steps:
                     metrics = last_eval = _evaluate(job, log, st.step)
                 stopped = bool(metrics) and job.early is not None and job.early.update(metrics)
-                reason = stop_reason(st, lim, out, stopped, signals.caught)
+                external = job.external_stop() if job.external_stop else None
+                reason = stop_reason(st, lim, out, stopped, signals.caught, external)
                 if reason in ("max_steps", "time_budget") and not metrics:
                     metrics = last_eval = _evaluate(job, log, st.step)  # a finished run reports its val loss
                 if reason is not None and reason != "non_finite":

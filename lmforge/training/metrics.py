@@ -9,7 +9,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 

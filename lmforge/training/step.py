@@ -41,6 +41,15 @@ def autocast_ctx(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch tensor on ``device`` without making the host wait: to CUDA it is staged in pinned memory
+    (the caching host allocator keeps the block until the copy is done) and copied asynchronously; a pageable
+    source would make the copy synchronous. To the CPU (or a tensor already there) nothing changes."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def count_valid_tokens(micro_batches: list[dict]) -> int:
     """Labelled targets in CPU-resident LM batches (no device sync)."""
     return int(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
@@ -54,11 +63,11 @@ class LMObjective:
         return float((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-        tokens_BT = batch["input_ids"].to(device, non_blocking=True)
-        labels_BT = batch["labels"].to(device, non_blocking=True)
+        tokens_BT = to_device(batch["input_ids"], device)
+        labels_BT = to_device(batch["labels"], device)
         doc_ids_BT = batch.get("doc_ids")
         if doc_ids_BT is not None:
-            doc_ids_BT = doc_ids_BT.to(device, non_blocking=True)
+            doc_ids_BT = to_device(doc_ids_BT, device)
         return model(tokens_BT, doc_ids_BT, labels_BT=labels_BT, reduction="sum")
 
 
@@ -143,20 +152,20 @@ class TrainStep:
 
     def _agree(self, bad: torch.Tensor, budget: bool, signal: bool, norm: torch.Tensor) -> list[bool]:
         """[any rank non-finite, any budget, any signal] with one host read (the norm rides along when the
-        loop wants it every step, so spike detection costs no extra sync)."""
-        dev = bad.device
-        flags = torch.stack([bad.to(torch.float64), torch.tensor(float(budget), dtype=torch.float64, device=dev),
-                             torch.tensor(float(signal), dtype=torch.float64, device=dev)])
+        loop wants it every step, so spike detection costs no extra sync). The host's flags enter as fills of
+        a device tensor, not as host-to-device copies (each of those would be a sync of its own on CUDA)."""
+        bad_d = bad.to(torch.float64).reshape(())
+        flags = torch.stack([bad_d, torch.full_like(bad_d, float(budget)), torch.full_like(bad_d, float(signal))])
         if self.pdims.is_distributed:
             import torch.distributed as dist
 
             flags = flags.to(self.pdims.device)
             dist.all_reduce(flags)
         if self.read_norm:
-            values = torch.cat([flags.cpu(), norm.detach().double().reshape(1).cpu()]).tolist()
+            flags = torch.cat([flags, norm.detach().double().reshape(1).to(flags.device)])
+        values = flags.tolist()
+        if self.read_norm:
             self.last_norm = values[3]
-        else:
-            values = flags.tolist()
         return [v > 0 for v in values[:3]]
 
 

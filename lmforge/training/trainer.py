@@ -11,6 +11,7 @@ engine go through the same path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -29,13 +30,12 @@ def resolve_device(want: str) -> torch.device:
     return device_for(ParallelDims(1, 1, 1, 1, 1), want)
 
 
-def train(cfg: Config, *, prepare=None, objective=None) -> dict:
+def train(cfg: Config, on_job: Optional[Callable[[Job], None]] = None, *, prepare=None) -> dict:
     """Run (or resume) training as configured; returns the summary also written to ``summary.json``. Under
     torchrun every rank calls this; world size 1 without a launcher is the plain single-process run.
-
-    Hooks for jobs built on pretraining (``lmforge compress``): ``prepare(model)`` runs on the materialised
-    model before the optimizer exists (``build_engine``); ``objective`` replaces ``LMObjective`` as the
-    training loss (evaluation stays the next-token CE)."""
+    ``on_job(job)`` may add hooks to the Job before the loop runs (``lmforge tune``: pruning; ``lmforge compress``:
+    the distillation objective); ``prepare(model)`` runs on the materialised model before the optimizer exists
+    (``build_engine``; ``lmforge compress``: the compressed weights)."""
     from lmforge.distributed.mesh import destroy_distributed, init_distributed
 
     if cfg.distributed.engine == "deepspeed":
@@ -44,7 +44,7 @@ def train(cfg: Config, *, prepare=None, objective=None) -> dict:
         return train_with_deepspeed(cfg)
     pdims = init_distributed(cfg)
     try:
-        summary = _train(cfg, pdims, prepare, objective)
+        summary = _train(cfg, pdims, on_job, prepare)
     except BaseException:
         destroy_distributed(abort=True)
         raise
@@ -52,9 +52,10 @@ def train(cfg: Config, *, prepare=None, objective=None) -> dict:
     return summary
 
 
-def _train(cfg: Config, pdims, prepare=None, objective=None) -> dict:
+def _train(cfg: Config, pdims, on_job=None, prepare=None) -> dict:
     cfg = cfg.model_copy(deep=True)
     device = device_for(pdims, cfg.training.device)
+    lint_config(cfg, pdims, device)
     train_shards, val_shards = open_data(cfg)
     resolve_model_cfg(cfg, train_shards)
     check_distributed(cfg, pdims)
@@ -63,10 +64,22 @@ def _train(cfg: Config, pdims, prepare=None, objective=None) -> dict:
     built = build_engine(cfg, pdims, device, prepare)
     loader = StepBatches(make_loaders(cfg, pdims, train_shards), cfg.training.grad_accum_steps)
     job = lm_job(cfg, pdims, built.engine, loader, val_shards, built.base.flops_per_token(cfg.data.seq_len), choice)
-    if objective is not None:
-        job.step.objective = objective
+    if on_job is not None:
+        on_job(job)
     summary = run_loop(job)
     return finish(cfg, pdims, built.engine.model, job, summary)
+
+
+def lint_config(cfg: Config, pdims, device) -> None:
+    """Contradictions are ConfigErrors naming both keys; valid-but-pointless settings are warned about (rank 0),
+    before any data is opened or a run folder exists."""
+    import sys
+
+    from lmforge.config_checks import lint
+
+    for warning in lint(cfg, device):
+        if pdims.is_rank0:
+            print(f"lmforge train: warning: {warning}", file=sys.stderr)
 
 
 def lm_job(cfg: Config, pdims, engine, batches, val_shards, flops_per_token: float, precision,
@@ -146,6 +159,8 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
 
         summary["world_size"] = pdims.world_size
         summary["rank_state_bytes"] = local_state_bytes(model, getattr(job.step.engine, "optimizer", None))
+    if cfg.eval.enabled and summary["stop_reason"] in ("max_steps", "early_stop", "time_budget"):
+        summary.update(_evaluate_at_end(cfg, pdims, model, run_dir))
     if pdims.is_rank0:
         from lmforge.environment import environment_facts
         from lmforge.training.report import finish_run
@@ -154,6 +169,26 @@ def finish(cfg: Config, pdims, model, job: Job, summary: dict, export: bool = Tr
         summary["environment"] = environment_facts(check_gloo=False, device=str(job.step.engine.device.type))
         finish_run(cfg, run_dir, summary)
     return summary
+
+
+def _evaluate_at_end(cfg: Config, pdims, model, run_dir: Path) -> dict:
+    """``eval.enabled``: rank 0 scores the exported weights (one process; peers wait)."""
+    from lmforge.evaluation.run import evaluate_at_end
+
+    metrics: dict = {}
+    if pdims.is_rank0:
+        if pdims.is_distributed:
+            from lmforge.inference import load_run
+
+            model = load_run(run_dir, str(run_dir / "model.safetensors"))[0]
+        metrics = evaluate_at_end(cfg, model, run_dir)
+    if pdims.is_distributed:
+        import torch.distributed as dist
+
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
 
 
 def _export(model, run_dir: Path, step: int, pdims, last_saved) -> None:

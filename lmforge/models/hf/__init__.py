@@ -26,7 +26,12 @@ def hf_config_to_lmforge(folder: str | Path) -> ModelConfig:
     kind = c.get("model_type")
     if kind not in SUPPORTED:
         raise ValueError(f"{src}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
-    return {"llama": llama, "gpt2": gpt2, "bert": bert}[kind].config_from_hf(c, src)
+    try:
+        return {"llama": llama, "gpt2": gpt2, "bert": bert}[kind].config_from_hf(c, src)
+    except KeyError as e:
+        from lmforge.errors import CheckpointError
+
+        raise CheckpointError(f"{src}: missing key {e.args[0]!r} (needed for model_type {kind!r})") from None
 
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train_helpers import tiny_cfg
+from tests.helpers.runs import tiny_cfg
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 STEPS, GLOBAL_ROWS = 5, 4
 UNTIED = {"preset": "tiny", "max_seq_len": 32, "tie_embeddings": False}
 

@@ -1,0 +1,1 @@
+"""``lmforge tune``: hyperparameter search and throughput autotuning on Optuna (see docs/tuning.md)."""
