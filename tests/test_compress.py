@@ -8,21 +8,18 @@ load through ``inference.load_run``, the loader serve is built on.)"""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_helpers import pack_tiny, tiny_cfg  # noqa: E402
-
-from lmforge.cli import main  # noqa: E402
-from lmforge.compress.config import load_compress_config  # noqa: E402
-from lmforge.compress.run import compress  # noqa: E402
-from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.inference import load_run  # noqa: E402
+from lmforge.cli import main
+from lmforge.compress.config import load_compress_config
+from lmforge.compress.run import compress
+from lmforge.errors import ConfigError
+from lmforge.inference import load_run
+from tests.helpers.runs import pack_tiny, tiny_cfg
 
 torch.set_num_threads(1)
 FAST = ["--eval.batches=2", "--eval.batch_size=4", "--bench.repeats=1", "--bench.new_tokens=4", "--bench.seq_len=16",
@@ -244,7 +241,7 @@ def test_interrupted_fine_tune_publishes_nothing(run, tmp_path, monkeypatch):
     from lmforge.training import loop
 
     real = loop.stop_reason
-    monkeypatch.setattr(loop, "stop_reason", lambda st, lim, out, early, sig: real(st, lim, out, early, "SIGTERM"))
+    monkeypatch.setattr(loop, "stop_reason", lambda st, lim, out, early, sig, *ext: real(st, lim, out, early, "SIGTERM", *ext))
     with pytest.raises(Exception, match="stopped early"):
         _compress("prune", run, tmp_path / "o", "--prune.method=structured", "--prune.recover_steps=3")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
