@@ -1,9 +1,7 @@
 """lmforge compress on a tiny decoder run: every method's output loads through the normal loaders with its
 quality computed; structured pruning shrinks shapes; the distillation loss equals a hand computation; export
-parity; bad inputs; a failed compression leaves no output folder.
-
-(A test that compressed outputs serve belongs with ``lmforge serve``, on its own branch: compressed folders
-load through ``inference.load_run``, the loader serve is built on.)"""
+parity; bad inputs; a failed compression leaves no output folder. (Serving compressed folders:
+``test_compress_serve.py``.)"""
 
 from __future__ import annotations
 
@@ -205,6 +203,13 @@ def test_export_parity_and_decode(run, tmp_path, fmt):
         kw = dict(max_new_tokens=5, temperature=0.0)
         assert generate_from_run(str(tmp_path / "e"), ["the king"], runtime="onnxruntime", **kw) == \
             generate_from_run(str(tmp_path / "e"), ["the king"], **kw)
+        text = tmp_path / "held_out.txt"  # evaluate's ONNX Runtime option: the same perplexity as eager torch
+        text.write_text("the king said to the queen that the night was long and the day was short\n" * 4)
+        args = ["evaluate", str(tmp_path / "e"), "--text", str(text), "--window", "32"]
+        assert main(args + ["--name", "eager"]) == 0 and main(args + ["--runtime", "onnxruntime", "--name", "ort"]) == 0
+        reports = [json.loads((tmp_path / "e" / "reports" / f"{n}.json").read_text()) for n in ("eager", "ort")]
+        assert reports[1]["runtime"] == "onnxruntime"
+        assert reports[1]["text"]["perplexity"] == pytest.approx(reports[0]["text"]["perplexity"], rel=1e-4)
 
 
 def test_export_onnx_int8(run, tmp_path):

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lmforge.models.losses import IGNORE_INDEX
+
 
 class LogitsGraph(nn.Module):
     def __init__(self, lm: nn.Module):
@@ -137,7 +139,7 @@ class GraphDecoder(nn.Module):
         logits = torch.from_numpy(logits) if self.numpy else logits
         if labels_BT is None:
             return logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100,
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX,
                                                  reduction=reduction)
 
 

@@ -93,19 +93,20 @@ def to_html(rep: dict, title: str) -> str:
 
 
 def evaluate_lm_run(run_dir: str, checkpoint: Optional[str] = None, name: str = "lm_eval", show: bool = True,
-                    **kw) -> dict:
-    """Score a pretraining run folder (its newest checkpoint that verifies, or ``checkpoint``)."""
+                    runtime: str = "torch", **kw) -> dict:
+    """Score a pretraining run folder (its newest checkpoint that verifies, or ``checkpoint``). ``runtime=
+    "onnxruntime"``: the run's exported graph (``lmforge compress export``) on ONNX Runtime instead of eager torch."""
     from lmforge.inference import load_run
 
     if not any(kw.get(k) for k in ("texts", "packed", "harness_tasks")):
         raise ConfigError("evaluate: give --text FILE, --packed DIR (or --packed run: the run's data.path) or "
                           "--harness-tasks TASK.yaml")
-    model, tok, cfg, ckpt = load_run(run_dir, checkpoint)
+    model, tok, cfg, ckpt = load_run(run_dir, checkpoint, runtime=runtime)
     if kw.get("packed") == "run":
         if not cfg.data.path:
             raise ConfigError(f"--packed run: {run_dir} has no data.path")
         kw["packed"] = cfg.data.path
-    rep = {"run": str(run_dir), "checkpoint": str(ckpt), **evaluate_model(model, tok, cfg, **kw)}
+    rep = {"run": str(run_dir), "checkpoint": str(ckpt), "runtime": runtime, **evaluate_model(model, tok, cfg, **kw)}
     write_lm_report(rep, Path(run_dir) / "reports", name, f"{name}: {Path(run_dir).name}")
     if show:
         for k, v in flat(rep).items():

@@ -56,7 +56,7 @@ def _cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     evaluate_lm_run(run, args.checkpoint, name=args.name if args.name != "eval" else "lm_eval",
                     texts=args.text, packed=args.packed, split=args.split, window=args.window, stride=args.stride,
                     harness_tasks=args.harness_tasks, limit=args.limit, batch_size=args.batch_size or 8,
-                    max_tokens=args.max_tokens)
+                    max_tokens=args.max_tokens, runtime=args.runtime)
     return 0
 
 
@@ -85,5 +85,6 @@ def add_finetune_commands(subparsers) -> None:
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: score the classifier graph `lmforge compress export` wrote into the run")
+                   help="onnxruntime: score the graph `lmforge compress export` wrote into the run (classifier or "
+                   "decoder) on ONNX Runtime")
     e.set_defaults(func=_cmd_evaluate)
