@@ -208,6 +208,20 @@ def test_probe_cache_is_keyed_and_skips_disturbed_results(tmp_path, monkeypatch)
     assert len(calls) == 4
 
 
+def test_probe_key_follows_the_instruction_sets_torch_may_use(monkeypatch):
+    """Capping oneDNN / MKL (or ATEN_CPU_CAPABILITY) below the CPU's flags changes which dtype is fast, so it is
+    a different cache entry: a probe of the uncapped machine is never reused for the capped one."""
+    from lmforge.hardware.facts import cpu_identity
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    plain = probe_mod.probe_key(torch.device("cpu"))
+    assert f"isa:{torch.backends.cpu.get_cpu_capability()}" in cpu_identity()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = probe_mod.probe_key(torch.device("cpu"))
+    assert capped != plain and "ONEDNN_MAX_CPU_ISA=AVX2" in capped
+
+
 def test_merge_keeps_the_better_figure_per_dtype():
     a = ProbeResult("cpu", {"fp32": 10 * G, "bf16": None, "fp16": 3 * G}, {"fp32": "a", "fp16": "a"}, cpu_share=0.3)
     b = ProbeResult("cpu", {"fp32": 8 * G, "bf16": 2 * G, "fp16": 4 * G}, {"fp32": "b", "bf16": "b", "fp16": "b"},

@@ -72,6 +72,20 @@ def _objective_hook(objective: Optional[Callable]):
     return on_job
 
 
+def _loader_of(init: nn.Module, convert: Optional[Callable]):
+    """``prepare`` for the run: load a copy of ``init``'s weights into the run's fresh model, then ``convert`` it;
+    the trained model is ``holder["model"]`` once the run ends."""
+    state = {k: v.detach().clone() for k, v in init.state_dict().items()}
+    holder: dict = {}
+
+    def prepare(model: nn.Module) -> None:
+        model.load_state_dict(state)
+        if convert is not None:
+            convert(model)
+        holder["model"] = model
+    return prepare, holder
+
+
 def train_lm(ctx, init: nn.Module, run_dir: Path, objective=None, convert: Optional[Callable] = None):
     """Train a copy of ``init`` (its config and weights) in ``run_dir``; returns (trained model, summary).
     ``objective(default)`` returns the training loss (see ``_objective_hook``); ``convert(model)`` runs on the
@@ -81,15 +95,7 @@ def train_lm(ctx, init: nn.Module, run_dir: Path, objective=None, convert: Optio
     src = ctx.src
     run_dir = Path(run_dir)
     cfg = lm_config(src.cfg, ctx.cfg.train, run_dir, init.cfg)
-    state = {k: v.detach().clone() for k, v in init.state_dict().items()}
-    holder: dict = {}
-
-    def prepare(model: nn.Module) -> None:
-        model.load_state_dict(state)
-        if convert is not None:
-            convert(model)
-        holder["model"] = model
-
+    prepare, holder = _loader_of(init, convert)
     summary = train(cfg, _objective_hook(objective), prepare=prepare)
     return holder["model"].eval(), finished(summary)
 
@@ -121,15 +127,7 @@ def train_classifier(ctx, task_model: nn.Module, run_dir: Path, objective=None,
     cfg.optimizer.lr = tc.lr
     cfg.scheduler.warmup_steps = min(tc.warmup_steps, tc.steps)
     cfg.checkpoint.every_steps, cfg.checkpoint.resume = 0, None
-    state = {k: v.detach().clone() for k, v in task_model.state_dict().items()}
-    holder: dict = {}
-
-    def prepare(model: nn.Module) -> None:
-        model.load_state_dict(state)
-        if convert is not None:
-            convert(model)
-        holder["model"] = model
-
+    prepare, holder = _loader_of(task_model, convert)
     summary = finetune(cfg, _objective_hook(objective), prepare=prepare)
     shutil.rmtree(base, ignore_errors=True)
     return holder["model"].eval(), finished(summary)

@@ -102,13 +102,18 @@ def _capability() -> Optional[str]:
 
 
 def cpu_identity() -> str:
-    """A short id of this kind of machine for cache keys: CPU model, a digest of its flags, CPU count."""
+    """A short id of this kind of machine for cache keys: CPU model, a digest of its flags, CPU count, and the
+    instruction sets torch's kernels may use (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA`` and
+    ``MKL_ENABLE_INSTRUCTIONS`` cap them below what the flags allow, and change which dtype is fast)."""
     import hashlib
 
     model, flags = _cpuinfo()
     digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:10]
     name = re.sub(r"\s+", " ", model or platform.machine())
-    return f"{name}|flags:{digest}|cpus:{os.cpu_count()}"
+    caps = [torch.backends.cpu.get_cpu_capability()] + [f"{k}={os.environ[k]}" for k in
+                                                         ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                                                         if os.environ.get(k)]
+    return f"{name}|flags:{digest}|cpus:{os.cpu_count()}|isa:{','.join(caps)}"
 
 
 def cuda_bf16_native(index: int = 0) -> bool:

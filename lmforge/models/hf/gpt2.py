@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.models.hf.io import require, take
+from lmforge.models.hf.io import require, take, take_head
 
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -60,12 +60,7 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, src: str) -> dict[str
         for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
             out[f"{o}{ours}.weight"] = take(sd, f"{h}{theirs}.weight", src)
             out[f"{o}{ours}.bias"] = take(sd, f"{h}{theirs}.bias", src)
-    head = sd.pop("lm_head.weight", None)
-    if cfg.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    else:
-        require(head is not None, f"{src}: missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
-        out["output.weight"] = head
+    take_head(sd, out, cfg.tie_embeddings, src)
     require(not sd, f"{src}: unexpected tensors {sorted(sd)[:5]}")
     return out
 

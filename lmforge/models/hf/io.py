@@ -57,3 +57,13 @@ def take(sd: dict[str, torch.Tensor], key: str, source: str = "checkpoint") -> t
 def require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def take_head(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor], tied: bool, source: str) -> None:
+    """``out["output.weight"]``: the embedding when tied (HF may still store a copy: dropped), else ``lm_head``."""
+    head = sd.pop("lm_head.weight", None)
+    if tied:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    else:
+        require(head is not None, f"{source}: missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+        out["output.weight"] = head

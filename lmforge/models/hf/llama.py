@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.models.hf.io import require, take
+from lmforge.models.hf.io import require, take, take_head
 
 
 def config_from_hf(c: dict, src: str) -> ModelConfig:
@@ -49,12 +49,7 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, src: str) -> dict[str
     for i in range(cfg.n_layers):
         for ours, theirs in _LAYER.items():
             out[f"layers.{i}.{ours}.weight"] = take(sd, f"model.layers.{i}.{theirs}.weight", src)
-    head = sd.pop("lm_head.weight", None)
-    if cfg.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    else:
-        require(head is not None, f"{src}: missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
-        out["output.weight"] = head
+    take_head(sd, out, cfg.tie_embeddings, src)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     require(not sd, f"{src}: unexpected tensors {sorted(sd)[:5]}")
     return out
