@@ -54,9 +54,9 @@ def quickstart_config(run_dir: str, data_dir: str, minutes: float, overrides: li
         "run_dir": run_dir,
         "model": {"preset": "quickstart"},
         "data": {"path": data_dir, "seq_len": 256},
-        "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},
+        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"name": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
-        "training": {"max_steps": 1000, "max_minutes": minutes, "micro_batch_size": 16, "grad_accum_steps": 1,
+        "training": {"max_steps": 1000, "max_minutes": minutes, "micro_batch_size": 8, "grad_accum_steps": 1,
                      "precision": "auto", "eval_every": 0, "eval_batches": 20, "seed": 1337},
         "checkpoint": {"every_steps": 200, "keep_last": 2},
         "logging": {"log_every": 10},
@@ -107,14 +107,18 @@ def run_quickstart(run_dir: str = "runs/quickstart", minutes: float = 4.0, overr
     data_dir = run.parent / f"{run.name}-data" / "packed"
     cfg = quickstart_config(str(run), str(data_dir), minutes, overrides)  # a bad override fails before any work
     data_dir = _prepare_data(data_dir, console, corpus_mb)
-    if "--training.max_steps" not in " ".join(overrides or []):
+    given = " ".join(overrides or [])
+    if "--training.max_steps" not in given:
         from lmforge.data.pack import read_manifest
 
         steps = calibrate_max_steps(cfg, minutes, read_manifest(data_dir)["vocab_size"])
+        fitted = [f"--training.max_steps={steps}"]
+        if "--scheduler.warmup_steps" not in given:  # a tenth of a short run warms up, at most the recipe's 50
+            fitted.append(f"--scheduler.warmup_steps={max(5, min(cfg.scheduler.warmup_steps, steps // 10))}")
         # the wall-clock budget stays as a safety net a little past the calibrated length
-        cfg = quickstart_config(str(run), str(data_dir), minutes * 1.25,
-                                (overrides or []) + [f"--training.max_steps={steps}"])
-        console.print(f"calibrated: {steps} optimizer steps fit in ~{minutes:g} minutes on this machine")
+        cfg = quickstart_config(str(run), str(data_dir), minutes * 1.25, (overrides or []) + fitted)
+        console.print(f"calibrated: {steps} optimizer steps ({cfg.training.micro_batch_size} × {cfg.data.seq_len} "
+                      f"tokens, warm-up {cfg.scheduler.warmup_steps}) fit in ~{minutes:g} minutes on this machine")
     run.mkdir(parents=True, exist_ok=True)
     shutil.copy(data_dir / "tokenizer.json", run / "tokenizer.json")
     summary = train(cfg)

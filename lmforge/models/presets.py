@@ -6,8 +6,8 @@ Kept free of torch so the config can be validated without importing it.
 PRESETS: dict[str, dict] = {
     # for unit tests: builds and steps in milliseconds
     "tiny": dict(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=128),
-    # the quickstart: a few minutes on two CPU cores
-    "quickstart": dict(arch="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=704,
+    # the quickstart: a few minutes on two CPU cores (sized for ~0.5-2.5M training tokens: docs/hardware.md)
+    "quickstart": dict(arch="llama", d_model=192, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=512,
                        max_seq_len=256),
     # the shape benchmarked against HF LlamaForCausalLM (benchmarks/train_throughput.py)
     "bench-6l": dict(arch="llama", d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_hidden=1024,
