@@ -425,11 +425,19 @@ def test_legacy_single_process_run_resumes_bitwise(tmp_path, monkeypatch):
     cfg = load_config(run / "config.yaml", [f"--run_dir={run}", f"--data.path={tmp_path / 'fx' / 'data'}",
                                             f"--checkpoint.resume={run / 'checkpoints' / 'step_0000002'}"])
     train(cfg)
-    got = {k: tensor_sha256(v) for k, v in full_weights(run / "checkpoints" / "step_0000004").items()}
-    assert got == EXPECTED["single"]["step4_sha256"]
+    weights = full_weights(run / "checkpoints" / "step_0000004")
     losses = {str(r["step"]): r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if "loss" in r}
-    assert losses == EXPECTED["single"]["losses"]
+    if torch.backends.cpu.get_cpu_capability() == EXPECTED["cpu_capability"]:  # the kernels that wrote it: bitwise
+        assert {k: tensor_sha256(v) for k, v in weights.items()} == EXPECTED["single"]["step4_sha256"]
+        assert losses == EXPECTED["single"]["losses"]
+        return
+    # other CPU kernels (e.g. AVX2 only) round the same steps differently in the last bits: the continuation
+    # must still be the original run's to float noise (a wrong optimizer state, RNG or data position is not)
+    original = full_weights(FIX / "single" / "checkpoints" / "step_0000004")
+    for k, v in original.items():
+        assert torch.allclose(weights[k], v, rtol=1e-4, atol=1e-6), k
+    assert losses == pytest.approx(EXPECTED["single"]["losses"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- multi-process

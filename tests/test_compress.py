@@ -75,8 +75,10 @@ def test_hf_folder_source(run, tmp_path):
 
 
 def test_quantize_kernels_compute_the_stored_weights():
-    """Every kernel computes x·(qweight·scale)ᵀ + b (fbgemm quantizes activations too: a looser bound)."""
-    from lmforge.compress.qlinear import QuantizedLinear, swap_in
+    """Every kernel computes x·(qweight·scale)ᵀ + b (fbgemm quantizes activations too: a looser bound), or,
+    where one does not on this CPU (torchao's int8 matmul on an AVX2-only CPU), the accuracy check names it:
+    auto never picks it and asking for it is an error naming quantize.kernel."""
+    from lmforge.compress.qlinear import MAX_KERNEL_ERROR, QuantizedLinear, choose_kernel, kernel_error, swap_in
 
     torch.manual_seed(0)
     owner = torch.nn.Sequential(torch.nn.Linear(64, 48))
@@ -84,9 +86,32 @@ def test_quantize_kernels_compute_the_stored_weights():
     ql: QuantizedLinear = owner[0]
     x = torch.randn(5, 64)
     ref = F.linear(x, ql.weight, ql.bias)
+    assert kernel_error(ql, "dequantized") < 1e-6
+    picked, numbers = choose_kernel(owner, "auto")
+    assert numbers[f"{picked}:err"] <= MAX_KERNEL_ERROR
     for kernel, tol in (("dequantized", 1e-5), ("torchao", 0.05), ("fbgemm", 0.05)):
+        err = kernel_error(ql, kernel)
+        if err is not None and err > MAX_KERNEL_ERROR:
+            assert picked != kernel
+            with pytest.raises(ConfigError, match=f"quantize.kernel={kernel}"):
+                choose_kernel(owner, kernel)
+            continue
         ql.prepare(kernel)
         assert (ql(x) - ref).abs().max() < tol, kernel
+        assert choose_kernel(owner, kernel)[0] == kernel
+
+
+def test_an_inaccurate_kernel_is_never_chosen(monkeypatch):
+    """Whatever this CPU measures: a kernel whose output is off the stored weights is left out by auto."""
+    from lmforge.compress import qlinear
+
+    owner = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    qlinear.swap_in(owner, ["0"], "int8_dynamic", fill=True)
+    monkeypatch.setattr(qlinear, "kernel_error", lambda layer, k, rows=32: 0.2 if k == "fbgemm" else 0.01)
+    picked, numbers = qlinear.choose_kernel(owner, "auto")
+    assert picked == "torchao" and numbers["fbgemm:err"] == 0.2
+    monkeypatch.setattr(qlinear, "kernel_error", lambda layer, k, rows=32: 0.2 if k != "dequantized" else 0.0)
+    assert qlinear.choose_kernel(owner, "auto")[0] == "dequantized"  # exact, when no int8 kernel is right here
 
 
 def test_qat_then_quantize(run, tmp_path):

@@ -14,6 +14,7 @@ from lmforge.training.synthetic import SyntheticRun, synthetic_config
 from tests.helpers.memory import tracked_peak
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=704)
+SEQ = 64
 
 
 def test_chunk_rows_cpu_fixed_cuda_by_logits_bytes():
@@ -30,8 +31,8 @@ def test_fused_ce_default_chunk_equals_explicit_chunk_on_cpu():
     assert torch.equal(linear_cross_entropy(h, w, y), linear_cross_entropy(h, w, y, chunk_size=512))
 
 
-@pytest.mark.parametrize("ac,micro,vocab", [("none", 1, 2048), ("none", 16, 2048), ("full", 16, 2048),
-                                            ("selective", 16, 2048), ("full", 2, 2048), ("none", 8, 8192)])
+@pytest.mark.parametrize("ac,micro,vocab", [("none", 1, 2048), ("none", 8, 2048), ("full", 8, 2048),
+                                            ("selective", 8, 2048), ("full", 2, 2048), ("none", 4, 8192)])
 def test_estimator_within_8_percent_of_live_tensor_peak(monkeypatch, ac, micro, vocab):
     """Real bf16 steps (build_engine + TrainStep, attention through SDPA as on CUDA): the estimator's peak is
     within 8% of the most bytes alive at once (a CPU stand-in for ``torch.cuda.max_memory_allocated``)."""
@@ -39,10 +40,10 @@ def test_estimator_within_8_percent_of_live_tensor_peak(monkeypatch, ac, micro, 
 
     monkeypatch.setattr(common, "probs_attention_ok", lambda *a: False)  # the CPU-only kernel; CUDA takes SDPA
     torch.manual_seed(0)
-    cfg = synthetic_config("tiny", vocab=vocab, seq_len=256, micro_batch=micro, precision="bf16", ac=ac, **SHAPE)
+    cfg = synthetic_config("tiny", vocab=vocab, seq_len=SEQ, micro_batch=micro, precision="bf16", ac=ac, **SHAPE)
     run = SyntheticRun(cfg, torch.device("cpu"))
-    measured = tracked_peak(run)
-    est = estimate(ModelShape.from_config(cfg.model), "ddp", 1, micro_batch=micro, seq_len=256, precision="bf16",
+    measured = tracked_peak(run, steps=1)  # one tracked step: bf16 may be emulated (slow) on this CPU
+    est = estimate(ModelShape.from_config(cfg.model), "ddp", 1, micro_batch=micro, seq_len=SEQ, precision="bf16",
                    activation_checkpointing=ac != "none", ac_selective=ac == "selective", ce_chunk=512)
     assert est["total"] == pytest.approx(measured, rel=0.08), (est, measured)
 

@@ -113,7 +113,12 @@ class _Collector:
 def test_batched_equals_unbatched_bitwise_and_blocks_return():
     model, tok, _ = build_tiny()
     c = _Collector(model, tok)
-    assert c.runner.batch_invariant and c.runner.min_rows >= 1
+    if not c.runner.batch_invariant:  # measured, not assumed: some BLAS builds (AVX2-only CPUs) have no such R
+        assert c.runner.min_rows == 1
+        c.sched.stop()
+        pytest.skip("this CPU's BLAS gives no padded row count with bitwise batch-invariant rows (the server "
+                    "warns and reports lmforge:batch_invariant 0)")
+    assert c.runner.min_rows >= 1
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in (4, 17, 33, 9, 2, 50)]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0)

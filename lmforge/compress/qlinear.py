@@ -11,8 +11,9 @@ Kernels (``QuantizedLinear.prepare(kernel)``; y = x Wᵀ + b):
 - ``torchao`` (int8_dynamic: per-token activations + ``torch._int_mm``; int8_weight: the float activation times
   the int8 weight cast per call): torchao's ``Int8Tensor`` rebuilt from the stored values, exactly.
 - ``dequantized``: the float weight qweight · scale, built once (no speed-up; the file stays 4× smaller).
-``auto`` times the candidates on the model's largest layer (batch 1 and batch N) and takes the faster at
-batch 1 (decode) among those that keep the scheme's meaning (int8_dynamic: fbgemm or torchao; int8_weight:
+``auto`` times the candidates on the model's largest layer (batch 1 and batch N), checks each one's output
+against the exact product of the stored weights (``kernel_error``), and takes the faster at batch 1 (decode)
+among the accurate ones that keep the scheme's meaning (int8_dynamic: fbgemm or torchao; int8_weight:
 torchao or dequantized); the probe numbers are recorded next to the choice.
 
 Legend: N rows (tokens), I in features, O out features.
@@ -164,40 +165,72 @@ def _time(fn, x: torch.Tensor, repeats: int = 20) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+MAX_KERNEL_ERROR = 0.05  # relative rms error against the stored weights' float product; int8 kernels sit near 0.01
+
+
+def _probe_layer(layer: QuantizedLinear, kernel: str) -> Optional[QuantizedLinear]:
+    """A bias-free copy of ``layer`` running ``kernel``, or None where this machine lacks its engine."""
+    probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme)
+    probe_layer.qweight.copy_(layer.qweight)
+    probe_layer.scale.copy_(layer.scale)
+    try:
+        probe_layer.prepare(kernel)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return probe_layer
+
+
+@torch.no_grad()
+def kernel_error(layer: QuantizedLinear, kernel: str, rows: int = 32) -> Optional[float]:
+    """Relative rms difference between ``kernel``'s output and x·(qweight·scale)ᵀ on random rows, measured here:
+    a kernel can be wrong on some CPUs (torch's ``_int_mm`` without VNNI sums u8·s8 pairs in saturating int16,
+    ~15% off on an AVX2-only CPU), so ``auto`` never trusts one it has not checked. None: not runnable here."""
+    probe_layer = _probe_layer(layer, kernel)
+    if probe_layer is None:
+        return None
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
+    ref = F.linear(x, layer.weight)
+    return float((probe_layer(x) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
 def probe(layer: QuantizedLinear, rows: int = 32) -> dict:
     """Seconds per call of each kernel of the layer's scheme at 1 and ``rows`` rows (fp32 F.linear as the
-    reference), on this machine now."""
+    reference) and each kernel's ``kernel_error`` (``KERNEL:err``), on this machine now."""
     out = {}
     w_OI = layer.weight
     for rows_n in (1, rows):
         x = torch.randn(rows_n, layer.in_features)
         out[f"fp32@{rows_n}"] = _time(lambda v: F.linear(v, w_OI), x)
     for kernel in KERNELS[layer.scheme]:
-        probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme)
-        probe_layer.qweight.copy_(layer.qweight)
-        probe_layer.scale.copy_(layer.scale)
-        try:
-            probe_layer.prepare(kernel)
-        except (RuntimeError, NotImplementedError):  # an engine this machine lacks
+        probe_layer = _probe_layer(layer, kernel)
+        if probe_layer is None:  # an engine this machine lacks
             continue
         for rows_n in (1, rows):
             out[f"{kernel}@{rows_n}"] = _time(probe_layer, torch.randn(rows_n, layer.in_features))
+        out[f"{kernel}:err"] = kernel_error(layer, kernel, rows)
     return out
 
 
 def choose_kernel(model: nn.Module, want: str) -> tuple[str, dict]:
-    """(kernel, probe numbers): ``want`` itself, or for ``auto`` the kernel fastest at batch 1 on the largest
-    quantized layer."""
+    """(kernel, probe numbers): ``want`` itself once its accuracy is checked on the largest quantized layer, or
+    for ``auto`` the kernel fastest at batch 1 there among the accurate ones (``dequantized``, exact, when none
+    is)."""
     layers = quantized_layers(model)
     if not layers:
         return want, {}
-    if want != "auto":
-        return want, {}
     big = max(layers, key=lambda m: m.qweight.numel())
+    if want != "auto":
+        err = kernel_error(big, want)
+        if err is not None and err > MAX_KERNEL_ERROR:
+            raise ConfigError(f"quantize.kernel={want}: on this machine its results are {err:.1%} (rms) off the "
+                              f"int8 weights' exact product (bound {MAX_KERNEL_ERROR:.0%}); use quantize.kernel=auto")
+        return want, {}
     numbers = probe(big)
     real = AUTO[layers[0].scheme]
-    ones = {k.split("@")[0]: v for k, v in numbers.items() if k.endswith("@1") and k.split("@")[0] in real}
-    return min(ones, key=ones.get), {k: round(v * 1e6, 1) for k, v in numbers.items()}
+    ones = {k.split("@")[0]: v for k, v in numbers.items() if k.endswith("@1") and k.split("@")[0] in real
+            and numbers[f"{k.split('@')[0]}:err"] <= MAX_KERNEL_ERROR}
+    shown = {k: round(v * 1e6, 1) if "@" in k else round(v, 4) for k, v in numbers.items()}
+    return (min(ones, key=ones.get) if ones else "dequantized"), shown
 
 
 def prepare_all(model: nn.Module, kernel: str) -> None:
@@ -226,7 +259,8 @@ def machine_key() -> dict:
 
     cpu = cpu_facts()
     return {"cpu": cpu.get("model"), "flags": sorted(k for k, v in cpu.get("flags", {}).items() if v),
-            "engine": torch.backends.quantized.engine, "cuda": torch.cuda.is_available()}
+            "isa": torch.backends.cpu.get_cpu_capability(), "engine": torch.backends.quantized.engine,
+            "cuda": torch.cuda.is_available()}
 
 
 def kernel_names() -> dict:

@@ -43,7 +43,7 @@ def quantize(ctx):
             "per output row)", "kernel_requested": qc.kernel, "kernel": kernel, "kernel_name": kernel_names()[kernel],
             "probe_us": probe, "machine": machine_key(), "qat_steps": qc.qat_steps, "modules": names}
     if probe:
-        notes.append("kernel probe (µs per call on the largest layer, @rows): "
+        notes.append("kernel probe (µs per call on the largest layer, @rows; :err relative rms error): "
                      + ", ".join(f"{k} {v:g}" for k, v in probe.items()) + f" → {kernel}")
     notes.append(f"{len(names)} linear layers quantized ({qc.scheme}); kept in float: embeddings, norms, "
                  f"and modules matching {qc.skip}")
