@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -319,9 +320,10 @@ def drain_check(args, run: Path, prompts, tmp: Path) -> dict:
     code = srv.stop()
     completed = sum(r.get("error") is None for r in res)
     refused = sum(r.get("error") in (503, "ConnectError") for r in res)
+    other = collections.Counter(str(r["error"]) for r in res if r.get("error") not in (None, 503, "ConnectError"))
     return {"mode": "SIGTERM drain under load", "exit_code": code, "completed": completed,
             "refused_after_sigterm": refused, "failed_or_lost": len(res) - completed - refused,
-            "unauth_sent": unauth["sent"], "unauth_rejected": unauth["rejected"]}
+            "failures": dict(other), "unauth_sent": unauth["sent"], "unauth_rejected": unauth["rejected"]}
 
 
 def main() -> None:
