@@ -1,6 +1,6 @@
 """distributed.engine=deepspeed: config translation, the missing-package error, loss parity with lmforge's
 native zero2 on 2 gloo ranks, and the one loop's guarantees through the DeepSpeed adapter (SIGTERM → checkpoint
-and exit, time budget, resume) (skipped when deepspeed is not installed)."""
+and exit, time budget, resume, early stopping, the non-finite guard) (skipped when deepspeed is not installed)."""
 
 from __future__ import annotations
 
@@ -170,3 +170,40 @@ def test_deepspeed_engine_honours_the_time_budget(tmp_path, data_dir):
     assert summary["stop_reason"] == "time_budget" and 1 <= summary["steps"] < 100000
     assert (Path(summary["final_checkpoint"]) / "COMPLETE").exists()
     assert summary["elapsed_s"] < 60
+
+
+def test_deepspeed_engine_stops_early_when_the_metric_stalls(tmp_path, data_dir):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
+    from tests.helpers.dist_runs import finish, popen
+
+    run = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    proc = popen(_ds_cli(run, data_dir, ["--training.max_steps=40", "--training.eval_every=1",
+                                         "--training.early_stop_metric=val_loss", "--training.early_stop_patience=2",
+                                         "--training.early_stop_min_delta=0.5", "--optimizer.lr=1e-9",
+                                         "--checkpoint.every_steps=0"]), log)
+    assert finish(proc, 180, log) == 0, log.read_text()[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "early_stop" and summary["steps"] == 3, summary
+
+
+def test_deepspeed_engine_skips_non_finite_steps_then_stops(tmp_path, data_dir):
+    """lr 1e30: the first step blows the weights up, every later loss is non-finite. Those steps are skipped
+    (the weights are not touched again) and after training.max_bad_steps the run stops, keeping the last
+    good checkpoint."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'lmforge[deepspeed]')")
+    from tests.helpers.dist_runs import finish, popen
+
+    run = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    proc = popen(_ds_cli(run, data_dir, ["--training.max_steps=40", "--training.max_bad_steps=2",
+                                         "--optimizer.lr=1e30", "--optimizer.momentum=0", "--checkpoint.every_steps=1",
+                                         "--logging.log_every=1"]), log)
+    assert finish(proc, 180, log) == 0, log.read_text()[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"], summary["skipped_steps"]) == ("non_finite", 3, 2), summary
+    final = Path(summary["final_checkpoint"])
+    assert final.name == "step_0000001"  # nothing is saved once the losses are non-finite
+    from lmforge.checkpoint import full_weights
+
+    assert all(torch.isfinite(w).all() for w in full_weights(final).values())

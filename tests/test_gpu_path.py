@@ -67,18 +67,19 @@ def test_fsdp2_on_a_one_rank_gloo_group_resumes_exactly(tmp_path):
     assert [r["plain"][s] for s in range(1, 7)] == pytest.approx([r["full"][s] for s in range(1, 7)], rel=1e-5)
 
 
-def _bench(name: str):
+def _bench(name: str, monkeypatch):
+    """A benchmarks/ script as a module (its siblings import by bare name, so the folder goes on sys.path for
+    this test only)."""
     import importlib
-    import sys
 
     from tests.helpers.paths import REPO
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     return importlib.import_module(name)
 
 
-def test_gpu_mfu_backs_off_the_micro_batch_on_out_of_memory():
-    mfu = _bench("gpu_mfu")
+def test_gpu_mfu_backs_off_the_micro_batch_on_out_of_memory(monkeypatch):
+    mfu = _bench("gpu_mfu", monkeypatch)
     tried = []
 
     def runner(v):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -156,7 +157,7 @@ def lm_perplexity(model: nn.Module, batches: list[dict]) -> dict:
     total, n = 0.0, 0
     for b in batches:
         total += float(model(b["input_ids"], labels_BT=b["labels"], reduction="sum"))
-        n += int((b["labels"] != -100).sum())
+        n += int((b["labels"] != IGNORE_INDEX).sum())
     loss = total / max(n, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
 
