@@ -66,9 +66,10 @@ def quickstart_config(run_dir: str, data_dir: str, minutes: float, overrides: li
     return build_config(tree, source="quickstart")
 
 
-def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int = 3) -> int:
+def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int = 3) -> tuple[int, str]:
     """Time a few optimizer steps of the configured model on this machine and return how many fit in
-    ``minutes``, so the cosine schedule decays over the run actually trained (not a nominal horizon)."""
+    ``minutes``, so the cosine schedule decays over the run actually trained (not a nominal horizon), and a
+    line saying what was measured (median step time, the precision and why it was chosen)."""
     import torch
 
     from lmforge.models import build_model
@@ -77,7 +78,8 @@ def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int =
 
     from lmforge.hardware import resolve_precision
 
-    precision = resolve_precision(cfg.training.precision, torch.device("cpu")).precision  # what train() will use
+    decision = resolve_precision(cfg.training.precision, torch.device("cpu"))  # what train() will use
+    precision = decision.precision
     mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size})
     model = build_model(mcfg, seed=0)
     opt = build_optimizer(model, cfg.optimizer)
@@ -94,7 +96,9 @@ def calibrate_max_steps(cfg, minutes: float, vocab_size: int, probe_steps: int =
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     step_s = sorted(times[1:])[len(times[1:]) // 2]  # median, first step excluded (warm-up)
-    return max(20, int(minutes * 60 / step_s))
+    measured = (f"measured {step_s * 1000:.0f} ms per optimizer step (median of {probe_steps}) in "
+                f"{precision}: {decision.reason}")
+    return max(20, int(minutes * 60 / step_s)), measured
 
 
 def run_quickstart(run_dir: str = "runs/quickstart", minutes: float = 4.0, overrides: list[str] | None = None,
@@ -111,14 +115,15 @@ def run_quickstart(run_dir: str = "runs/quickstart", minutes: float = 4.0, overr
     if "--training.max_steps" not in given:
         from lmforge.data.pack import read_manifest
 
-        steps = calibrate_max_steps(cfg, minutes, read_manifest(data_dir)["vocab_size"])
+        steps, measured = calibrate_max_steps(cfg, minutes, read_manifest(data_dir)["vocab_size"])
         fitted = [f"--training.max_steps={steps}"]
         if "--scheduler.warmup_steps" not in given:  # a tenth of a short run warms up, at most the recipe's 50
             fitted.append(f"--scheduler.warmup_steps={max(5, min(cfg.scheduler.warmup_steps, steps // 10))}")
         # the wall-clock budget stays as a safety net a little past the calibrated length
         cfg = quickstart_config(str(run), str(data_dir), minutes * 1.25, (overrides or []) + fitted)
         console.print(f"calibrated: {steps} optimizer steps ({cfg.training.micro_batch_size} × {cfg.data.seq_len} "
-                      f"tokens, warm-up {cfg.scheduler.warmup_steps}) fit in ~{minutes:g} minutes on this machine")
+                      f"tokens, warm-up {cfg.scheduler.warmup_steps}) fit in ~{minutes:g} minutes on this machine; "
+                      f"{measured}")
     run.mkdir(parents=True, exist_ok=True)
     shutil.copy(data_dir / "tokenizer.json", run / "tokenizer.json")
     summary = train(cfg)

@@ -1,6 +1,7 @@
 """End-to-end: the real CLI in subprocesses, on small real data."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def test_quickstart_small(tmp_path):
                 "--model.preset=tiny", "--data.seq_len=64", "--training.micro_batch_size=4",
                 "--training.eval_batches=2", "--training.precision=fp32")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    calibrated = re.search(r"calibrated: (\d+) optimizer steps .*measured (\d+) ms per optimizer step .* in fp32: "
+                           r"requested", " ".join(r.stdout.split()))
+    assert calibrated, r.stdout[-3000:]  # calibration says what it measured and in which precision
     for name in ("config.yaml", "metrics.jsonl", "tokenizer.json", "sample.txt", "summary.json"):
         assert (run / name).exists(), name
     assert any((run / "tensorboard").iterdir())
