@@ -87,6 +87,10 @@ def summarize(name: str, results: list[dict], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- server side
+def server_flags(args, *more: str) -> list[str]:
+    return ["--dtype", args.dtype, "--max-batch", str(args.concurrency), *more]
+
+
 class Server:
     def __init__(self, model: Path, port: int, threads: int, extra: list[str], log: Path):
         keys = log.with_suffix(".keys")
@@ -172,7 +176,7 @@ async def run_load(url, model, prompts, max_tokens, concurrency=None, rate=None,
 
 
 # ---------------------------------------------------------------------------------------------- HF baseline
-def hf_generator(run: Path, threads: int):
+def hf_generator(run: Path, threads: int, dtype: str = "float32"):
     """transformers generate on the run's weights (exported with save_hf): ``f(prompts, max_tokens) -> row``."""
     import torch
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -183,7 +187,7 @@ def hf_generator(run: Path, threads: int):
     torch.set_num_threads(threads)
     folder = Path(tempfile.mkdtemp()) / "hf"
     save_hf(load_run(run)[0], folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
     class Clock(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
@@ -211,7 +215,7 @@ def hf_generator(run: Path, threads: int):
 def batching_ratio(args, run: Path, prompts, tmp: Path, hf) -> dict:
     """HF sequential and lmforge at --concurrency, alternated --ab-repeats times (background load on a shared
     machine then hits both alike); the median of the per-round throughput ratios."""
-    srv = Server(run, args.port + 4, args.threads, ["--max-batch", str(args.concurrency)], tmp / "ab.log")
+    srv = Server(run, args.port + 4, args.threads, server_flags(args), tmp / "ab.log")
     ratios, rounds = [], []
     try:
         asyncio.run(run_load(srv.url, run.name, prompts[:2], 4, concurrency=1))
@@ -231,7 +235,7 @@ def batching_ratio(args, run: Path, prompts, tmp: Path, hf) -> dict:
 # ---------------------------------------------------------------------------------------------- modes
 def serve_modes(args, run: Path, prompts: list[list[int]], tmp: Path) -> list[dict]:
     rows = []
-    srv = Server(run, args.port, args.threads, ["--max-batch", str(args.concurrency)], tmp / "server.log")
+    srv = Server(run, args.port, args.threads, server_flags(args), tmp / "server.log")
     try:
         url, name = srv.url, run.name
         warm, _ = asyncio.run(run_load(url, name, prompts[:2], 4, concurrency=1))
@@ -251,8 +255,8 @@ def kv_compare(args, run: Path, prompts, tmp: Path, context: int) -> list[dict]:
     rows = []
     budget = args.kv_budget_seqs * context
     for label, block in (("contiguous slots (block = context)", context), ("paged, 16-token blocks", 16)):
-        srv = Server(run, args.port + 1, args.threads, ["--max-batch", str(args.concurrency), "--block-size", str(block),
-                                                        "--kv-cache-tokens", str(budget)], tmp / f"kv{block}.log")
+        flags = server_flags(args, "--block-size", str(block), "--kv-cache-tokens", str(budget))
+        srv = Server(run, args.port + 1, args.threads, flags, tmp / f"kv{block}.log")
         try:
             res, wall = asyncio.run(run_load(srv.url, run.name, prompts, args.output_len, concurrency=args.concurrency))
             rows.append(summarize(f"KV budget {budget} tokens, {label}", res, wall))
@@ -264,7 +268,7 @@ def kv_compare(args, run: Path, prompts, tmp: Path, context: int) -> list[dict]:
 def invariance_off(args, run: Path, prompts, tmp: Path) -> list[dict]:
     """The cost of batch invariance: the same modes with unpadded decode steps (--batch-invariant off)."""
     rows = []
-    srv = Server(run, args.port + 3, args.threads, ["--max-batch", str(args.concurrency), "--batch-invariant", "off"],
+    srv = Server(run, args.port + 3, args.threads, server_flags(args, "--batch-invariant", "off"),
                  tmp / "inv_off.log")
     try:
         res, wall = asyncio.run(run_load(srv.url, run.name, prompts[:args.sequential_prompts], args.output_len,
@@ -281,7 +285,7 @@ def drain_check(args, run: Path, prompts, tmp: Path) -> dict:
     """SIGTERM in the middle of a concurrency run; plus unauthenticated requests throughout."""
     import httpx
 
-    srv = Server(run, args.port + 2, args.threads, ["--max-batch", str(args.concurrency)], tmp / "drain.log")
+    srv = Server(run, args.port + 2, args.threads, server_flags(args), tmp / "drain.log")
     unauth = {"sent": 0, "rejected": 0}
 
     async def probe_unauth(client):
@@ -345,6 +349,8 @@ def main() -> None:
     ap.add_argument("--invariance-compare", action="store_true", help="also run with --batch-invariant off")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--ab-repeats", type=int, default=0, help="alternate HF and lmforge-at-concurrency N times")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype of both the server and the HF baseline (the same arithmetic on both sides)")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
@@ -357,7 +363,7 @@ def main() -> None:
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     rows = serve_modes(args, run, prompts, tmp)
-    hf = None if args.no_hf else hf_generator(run, args.threads)
+    hf = None if args.no_hf else hf_generator(run, args.threads, args.dtype)
     if hf is not None:
         rows.insert(0, hf(prompts[:args.hf_prompts], args.output_len))
     if hf is not None and args.ab_repeats:
@@ -368,7 +374,7 @@ def main() -> None:
         rows += invariance_off(args, run, prompts, tmp)
     if args.drain_check:
         rows.append(drain_check(args, run, prompts, tmp))
-    meta = {"cpu": cpu_name(), "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
+    meta = {"cpu": cpu_name(), "dtype": args.dtype, "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
             "output_len": args.output_len, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
     for r in rows:

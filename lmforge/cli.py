@@ -50,7 +50,8 @@ def report_error(prog: str, err: BaseException) -> int:
     if problem is None:
         print(f"{prog}: internal error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
         print(f"{prog}: this is a bug in lmforge, not a problem with your input; please report it with the "
-              "traceback above", file=sys.stderr)
+              "traceback above and the output of `lmforge env --json` (versions, devices, CPU flags, probe)",
+              file=sys.stderr)
         return 1
     message, hint = problem
     for line in message.splitlines() or [type(err).__name__]:
@@ -127,6 +128,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         args.run, args.prompt, checkpoint=args.checkpoint, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, runtime=args.runtime,
+        dtype=args.dtype,
     )
     for prompt, text in zip(args.prompt, texts):
         print(prompt + text)
@@ -137,6 +139,9 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Refuse sampling flags that mean nothing before any model is loaded, naming the flag."""
+    from lmforge.hardware.precision import check_dtype_name
+
+    check_dtype_name(args.dtype, "--dtype")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -209,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run the graph `lmforge compress export` wrote into the run (CPU)")
+    g.add_argument("--dtype", default="auto", help="auto (default: what training.precision auto picks on this "
+                   "machine; float32 for a compressed run), float32, bfloat16, float16")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("config", help="validate a config and print it fully resolved (defaults and presets filled)")

@@ -50,15 +50,45 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str 
     return model, find_tokenizer(run, cfg.data.path), cfg, ckpt
 
 
+def fp32_reason(folder: Optional[str | Path], runtime: str = "torch") -> Optional[str]:
+    """Why a folder must run in float32 under ``--dtype auto`` (None: the hardware decides)."""
+    from lmforge.compress.restore import FILE
+
+    if runtime == "onnxruntime":
+        return "the exported ONNX graph runs in float32"
+    if folder is not None and (Path(folder) / FILE).is_file():
+        return f"compressed folder ({FILE}): its kernels expect float32 activations"
+    return None
+
+
+def inference_dtype(folder: Optional[str | Path], want: str = "auto", runtime: str = "torch", **inject):
+    """``--dtype`` of a job that runs ``folder`` (generate, serve) → ``PrecisionChoice``: ``auto`` is the
+    trainer's hardware rule (``hardware.precision.resolve_dtype``; ``inject``: its probe / facts), float32 for a
+    compressed folder or the ONNX runtime; an explicit float32/bfloat16/float16 is honoured."""
+    from lmforge.hardware.precision import resolve_dtype
+
+    choice = resolve_dtype(want, "cpu", keep_fp32=fp32_reason(folder, runtime), **inject)
+    if runtime == "onnxruntime" and choice.precision != "fp32":
+        raise ConfigError(f"--dtype {want}: --runtime onnxruntime runs the exported graph in float32 "
+                          "(use --dtype auto or float32)")
+    return choice
+
+
 @torch.inference_mode()
 def generate_from_run(run_dir: str, prompts: list[str], checkpoint: Optional[str] = None, max_new_tokens: int = 128,
                       temperature: float = 0.8, top_k: Optional[int] = None, top_p: Optional[float] = None,
                       repetition_penalty: float = 1.0, seed: Optional[int] = 0,
-                      stop: Optional[list[str]] = None, runtime: str = "torch") -> list[str]:
-    """Generate a continuation for each prompt; returns the new text only (cut at the first stop string)."""
+                      stop: Optional[list[str]] = None, runtime: str = "torch", dtype: str = "float32") -> list[str]:
+    """Generate a continuation for each prompt; returns the new text only (cut at the first stop string).
+    ``dtype``: ``auto`` (its choice and why go to stderr) or float32/bfloat16/float16 (``inference_dtype``)."""
     from lmforge.models.generate import generate
 
+    choice = inference_dtype(run_dir, dtype, runtime)
     model, tok, cfg, _ = load_run(run_dir, checkpoint, runtime=runtime)
+    if choice.dtype != torch.float32:
+        model = model.to(choice.dtype)
+    if dtype == "auto":
+        print(choice.dtype_log_line(), file=sys.stderr)
     ids = [tok.encode(p) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ConfigError("generate: a prompt encodes to zero tokens; give at least one character")

@@ -203,7 +203,7 @@ def test_internal_error_prints_traceback_and_exit_1(capsys, monkeypatch):
     assert code == 1
     assert "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
     assert "lmforge config: internal error: ZeroDivisionError: integer division or modulo by zero" in err
-    assert "this is a bug in lmforge" in err.splitlines()[-1]
+    assert "this is a bug in lmforge" in err.splitlines()[-1] and "lmforge env --json" in err.splitlines()[-1]
     for oserror in (OSError(errno.EIO, "Input/output error", "/dev/x"), ConnectionResetError()):
         monkeypatch.setattr(cli, "_cmd_config", lambda args, extra, e=oserror: (_ for _ in ()).throw(e))
         assert run_cli(capsys, "config")[0] == 1  # not the user's to fix: a traceback

@@ -177,8 +177,14 @@ def test_sigterm_drains_in_flight_then_exits_0(tmp_path, drain_timeout, finishes
         assert _until(lambda: srv.metric("vllm:num_requests_running") == 4, timeout=10)
         srv.proc.send_signal(signal.SIGTERM)
         assert _until(lambda: srv.get("/ready", auth=False)[0] == 503, timeout=5)
-        status, data, headers = srv.post("/v1/completions", {"model": "run", "prompt": "late", "max_tokens": 2})
-        assert status == 503 and "retry-after" in headers and "shutting down" in json.loads(data)["error"]["message"]
+        late = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)  # HTTP/1.1: keep-alive unless told
+        late.request("POST", "/v1/completions", json.dumps({"model": "run", "prompt": "late", "max_tokens": 2}),
+                     {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        resp = late.getresponse()
+        message = json.loads(resp.read())["error"]["message"]
+        assert resp.status == 503 and resp.getheader("retry-after") and "shutting down" in message
+        assert resp.getheader("connection") == "close"  # the client takes its next request to another replica
+        late.close()
         for t in threads:
             t.join(30)
         assert srv.proc.wait(30) == 0

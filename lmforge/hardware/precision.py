@@ -9,12 +9,16 @@ Rules for ``want="auto"``:
   and gains nothing over bf16 for training there.
 An explicit fp32/bf16/fp16 is always honoured; ``warning`` says when it is slow on this device (bf16 on a CPU
 or GPU without native bf16, fp16 on a CPU), with the measured numbers. ``warn()`` prints it once per process.
+
+Inference jobs (``lmforge serve``, ``lmforge generate``) name dtypes as torch does: ``resolve_dtype(want, device)``
+takes ``auto`` or float32/bfloat16/float16; ``auto`` is the rule above (``resolve_precision("auto", ...)``), unless
+the caller gives a reason the job must stay float32 (a compressed folder). An explicit name is honoured unprobed.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -24,6 +28,7 @@ from lmforge.hardware.matmul import ProbeResult
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INFERENCE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch name → precision
 SPEEDUP_MARGIN = 1.15  # low precision must beat fp32 by this factor to be picked (else fp32's accuracy wins)
 _WARNED: set[str] = set()
 
@@ -56,6 +61,15 @@ class PrecisionChoice:
     def log_line(self) -> str:
         """One line for the run's log: ``precision bf16 (auto): <reason>``."""
         return f"precision {self.precision} ({self.requested}): {self.reason}"
+
+    @property
+    def dtype_name(self) -> str:
+        """The torch name of the dtype: float32, bfloat16, float16."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def dtype_log_line(self) -> str:
+        """One line for an inference job's log: ``dtype bfloat16 (auto): <reason>``."""
+        return f"dtype {self.dtype_name} ({self.requested}): {self.reason}"
 
     def warn(self, stream=None) -> bool:
         """Print ``warning`` to stderr once per process (the same text is never printed twice)."""
@@ -156,3 +170,27 @@ def resolve_precision(want: str, device: torch.device | str = "cpu", *, probe: O
         precision, reason, warning = _cpu_choice(want, probe, key, cpu_model)
     return PrecisionChoice(precision=precision, requested=want, device=device.type, reason=reason,
                            peaks=dict(probe.peaks), loss_scaling=precision == "fp16", warning=warning)
+
+
+def check_dtype_name(want: str, key: str = "--dtype") -> str:
+    """``want`` if it is ``auto`` or a torch dtype name an inference job runs in, else a ConfigError naming ``key``."""
+    if want != "auto" and want not in INFERENCE_DTYPES:
+        raise ConfigError(f"{key} {want!r}: not one of auto, {', '.join(INFERENCE_DTYPES)}")
+    return want
+
+
+def resolve_dtype(want: str, device: torch.device | str = "cpu", *, keep_fp32: Optional[str] = None,
+                  key: str = "--dtype", **inject) -> PrecisionChoice:
+    """The dtype an inference job (serve, generate) runs in. ``want``: ``auto`` or float32/bfloat16/float16.
+    ``auto`` is the trainer's rule, ``resolve_precision("auto", device)`` (``inject``: its ``probe``,
+    ``bf16_supported``, ``cpu_model``), except that ``keep_fp32`` (why the job must stay float32, e.g. a
+    compressed folder) keeps float32 without probing. An explicit name is honoured as given, unprobed."""
+    check_dtype_name(want, key)
+    kind = torch.device(device).type
+    if want != "auto":
+        return PrecisionChoice(INFERENCE_DTYPES[want], want, kind, "requested")
+    if keep_fp32:
+        return PrecisionChoice("fp32", want, kind, keep_fp32)
+    choice = resolve_precision(want, device, key=key, **inject)
+    # no gradients at inference: fp16 needs no loss scaling
+    return replace(choice, reason=choice.reason.removesuffix(" with loss scaling"), loss_scaling=False)

@@ -102,7 +102,8 @@ def create_app(state: ServerState, keys: Optional[APIKeys]):
         if state.loaded is None:
             raise overloaded("model is still loading", retry_after=5)
         return {"id": state.loaded.name, "object": "model", "created": int(state.started), "owned_by": "lmforge",
-                "max_model_len": state.loaded.model.cfg.max_seq_len}
+                "max_model_len": state.loaded.model.cfg.max_seq_len,
+                "dtype": state.loaded.precision.dtype_name if state.loaded.precision else None}
 
     @app.get("/v1/models")
     async def list_models():
@@ -123,4 +124,5 @@ def create_app(state: ServerState, keys: Optional[APIKeys]):
     async def chat_completions(request: Request):
         return await generate(request, state, chat=True)
 
-    return Gate(app, keys, RateLimiter(s.rate_limit_rps, s.rate_limit_burst), s.max_body_bytes, s.access_log)
+    return Gate(app, keys, RateLimiter(s.rate_limit_rps, s.rate_limit_burst), s.max_body_bytes, s.access_log,
+                closing=lambda: state.phase == "draining")

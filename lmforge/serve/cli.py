@@ -13,7 +13,8 @@ HELP = {
     "api_keys_file": "file of API keys, one per line ('name:key' or 'key'); else env LMFORGE_API_KEYS",
     "allow_no_auth": "serve without API keys (loopback only)",
     "served_model_name": "model id clients send (default: the folder name)",
-    "dtype": "serving precision: float32 (default), bfloat16, float16",
+    "dtype": "serving precision: auto (default: what training.precision auto picks on this machine; float32 "
+             "for a compressed folder), float32, bfloat16, float16",
     "checkpoint": "checkpoint folder of a run to serve (default: the newest complete one)",
     "threads": "torch intra-op threads (default: torch's choice)",
     "max_batch": "most sequences decoded together (default 16)",

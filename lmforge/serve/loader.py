@@ -4,6 +4,7 @@ serving precision is chosen."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -11,17 +12,19 @@ from typing import Optional
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.hardware.precision import PrecisionChoice
 from lmforge.serve.chat import ChatTemplate, load_chat_template
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("lmforge.serve")
 
 
-def serving_dtype(name: str = "float32") -> torch.dtype:
-    """The dtype weights and KV cache are served in. float32 unless asked otherwise (a measured automatic
-    choice belongs here once lmforge has one)."""
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def serving_dtype(name: str = "auto", folder: Optional[str | Path] = None, **inject) -> PrecisionChoice:
+    """The dtype weights and KV cache are served in (``.dtype``), and why (``.reason``). ``auto``: what
+    ``training.precision: auto`` picks on this machine (``lmforge.hardware.precision.resolve_dtype``), float32
+    for a compressed ``folder`` (``compression.json``); float32/bfloat16/float16 are honoured as given."""
+    from lmforge.inference import inference_dtype
+
+    return inference_dtype(folder, name, **inject)
 
 
 @dataclass
@@ -31,12 +34,14 @@ class Loaded:
     name: str
     chat_template: Optional[ChatTemplate]
     source: Path
+    precision: Optional[PrecisionChoice] = None  # the serving dtype and why (``serving_dtype``)
 
 
-def load_model(path: str | Path, dtype_name: str = "float32", checkpoint: Optional[str] = None,
+def load_model(path: str | Path, dtype_name: str = "auto", checkpoint: Optional[str] = None,
                name: Optional[str] = None) -> Loaded:
     folder = Path(path)
-    dtype = serving_dtype(dtype_name)
+    choice = serving_dtype(dtype_name, folder)
+    dtype = choice.dtype
     if (folder / "config.yaml").is_file():
         from lmforge.inference import load_run
 
@@ -61,4 +66,5 @@ def load_model(path: str | Path, dtype_name: str = "float32", checkpoint: Option
     model = model.to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Loaded(model, tok, name or folder.resolve().name, load_chat_template(folder), folder)
+    log.info("%s", choice.dtype_log_line())
+    return Loaded(model, tok, name or folder.resolve().name, load_chat_template(folder), folder, choice)

@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from lmforge.errors import ConfigError
 from lmforge.serve.api_errors import APIError
@@ -135,8 +135,10 @@ async def _discard_body(receive, declared: Optional[str], cap: int) -> None:
 class Gate:
     """Pure ASGI middleware: request id, auth, rate limit, declared body size, access log."""
 
-    def __init__(self, app, keys: Optional[APIKeys], limiter: RateLimiter, max_body: int, log_access: bool = True):
+    def __init__(self, app, keys: Optional[APIKeys], limiter: RateLimiter, max_body: int, log_access: bool = True,
+                 closing: Callable[[], bool] = lambda: False):
         self.app, self.keys, self.limiter, self.max_body, self.log_access = app, keys, limiter, max_body, log_access
+        self.closing = closing  # True while draining: every response then says ``Connection: close``
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -149,6 +151,8 @@ class Gate:
         status = {"code": 500}
         t0 = time.monotonic()
         rid_header = [(b"x-request-id", rid.encode())]
+        if self.closing():  # a draining replica: the client must not send its next request on this connection
+            rid_header.append((b"connection", b"close"))
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":

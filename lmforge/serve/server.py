@@ -1,8 +1,9 @@
 """Process lifecycle of ``lmforge serve``: listen at once, load the model in the background (``/ready`` is 503
 until it is loaded, calibrated and has passed its first decode probe), serve, and drain on SIGTERM/SIGINT:
-stop admitting (new requests and ``/ready`` answer 503), let in-flight requests finish for up to
-``--drain-timeout`` seconds, end any left with an error, then close the listener and exit 0. A second
-signal exits at once."""
+stop admitting (new requests and ``/ready`` answer 503, and every response says ``Connection: close``), let
+in-flight requests finish for up to ``--drain-timeout`` seconds, end any left with an error, linger a second
+so a request already on its way gets its 503, then close the listener and exit 0. A second signal exits at
+once."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lmforge.errors import SetupError, UserError
 from lmforge.serve.settings import ServeSettings
 
 log = logging.getLogger("lmforge.serve")
+DRAIN_LINGER_S = 1.0
 
 
 def kv_heads(cfg) -> int:
@@ -149,6 +151,9 @@ def drain(state, timeout: float) -> None:
         log.warning("drain timeout: ending %d request(s) with an error", sched.in_flight())
         sched.abort_all("server shut down before the request finished (drain timeout)")
         time.sleep(0.5)
+    # Linger: a client whose stream just ended may already be sending its next request on that kept-alive
+    # connection; it gets a 503 + Connection: close now, not a reset when the listener closes.
+    time.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
     if previous == "loading":
         log.info("drained while loading")
 

@@ -15,7 +15,7 @@ class ServeSettings:
     api_keys_file: Optional[str] = None  # else env LMFORGE_API_KEYS
     allow_no_auth: bool = False
     served_model_name: Optional[str] = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # or float32, bfloat16, float16 (loader.serving_dtype)
     checkpoint: Optional[str] = None
     threads: Optional[int] = None
     # batching and memory
@@ -52,6 +52,9 @@ class ServeSettings:
             raise ConfigError("--drain-timeout and --rate-limit-rps must be >= 0")
         if self.batch_invariant not in ("auto", "off"):
             raise ConfigError(f"--batch-invariant must be 'auto' or 'off', got {self.batch_invariant!r}")
+        from lmforge.hardware.precision import check_dtype_name
+
+        check_dtype_name(self.dtype, "--dtype")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         return self
