@@ -220,13 +220,20 @@ def test_train_refuses_it_before_any_run_folder_exists(tmp_path_factory, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("changed-shard", "train_00001.bin: sha256 mismatch (file changed or corrupt): "),
-    ("id-out-of-range", "train_00001.bin: token id 4000 at position 17 >= vocab_size"),
-    ("vocab-size-edited", "train_00000.bin: token id"),
+@pytest.mark.parametrize("case,needle,named", [
+    ("changed-shard", "train_00001.bin: sha256 mismatch (file changed or corrupt): ",
+     "train_00001.bin: sha256 mismatch (file changed or corrupt)"),
+    ("id-out-of-range", "train_00001.bin: token id 4000 at position 17 >= vocab_size",
+     "train_00001.bin: token id 4000 at position 17 >= vocab_size"),
+    ("vocab-size-edited", "train_00000.bin: token id", "train_00000.bin: token id"),
+    ("missing-shard", "train_00001.bin: missing", "train_00001.bin: missing"),
+    ("interrupted-prepare", "no manifest.json in", "no manifest.json in"),
 ])
-def test_verify_lists_the_problem_and_exits_1(tmp_path_factory, tmp_path, capsys, case, needle):
+def test_verify_lists_the_problem_and_exits_2(tmp_path_factory, tmp_path, capsys, case, needle, named):
+    """A failed verification is the user's data problem: the per-shard FAIL lines, then one error line naming
+    the shard(s) and what failed, and exit 2 (1 is for bugs in lmforge)."""
     folder = _mutated(tmp_path_factory, tmp_path, case)
     code, err, _ = run_cli(capsys, "data", "verify", folder)
-    assert code == 1 and "Traceback" not in err
+    assert_user_error(code, err, "data verify", f"{folder}: verification failed", named)
     assert any(line.startswith("FAIL ") and needle in line for line in err.splitlines()), err
+    assert "hint: " in err and "lmforge data prepare" in err

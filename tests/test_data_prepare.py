@@ -179,7 +179,7 @@ def test_cli_prepare_inspect_verify(tmp_path, capsys):
     raw = bytearray(shard.read_bytes())
     raw[3] ^= 1
     shard.write_bytes(bytes(raw))
-    assert data_main(["verify", str(out)]) == 1
+    assert data_main(["verify", str(out)]) == 2  # a user's data problem, not a bug
     assert "sha256 mismatch" in capsys.readouterr().err
     (out / "train_00099.bin.tmp").write_bytes(b"")
     assert any("temporary" in p for p in verify(out))

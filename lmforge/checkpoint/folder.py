@@ -5,6 +5,8 @@ A checkpoint is ``<run_dir>/checkpoints/step_0000100/``. ``write_folder`` builds
 over the ranks) → ``manifest.json`` → ``COMPLETE`` → atomic rename → prune. Only a folder named ``step_N``
 holding ``COMPLETE`` is ever read; a crash at any point leaves a ``.tmp-``/``.old-`` folder (removed by a
 later save) or the previous folder untouched. ``verify`` checks the marker and every file's size and sha256.
+``checkpoints/unusable/`` (``ASIDE``) holds what ``lmforge checkpoint move-aside`` moved there; no reader
+and no prune ever looks inside it (``aside.py``).
 
 ``Comm`` is the group the protocol runs over: ``Comm(collective=True)`` every rank of the default process
 group (each call is then collective), ``Comm(collective=False)`` this process alone.
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from lmforge.errors import CheckpointError
 
 MARKER, MANIFEST = "COMPLETE", "manifest.json"
+ASIDE = "unusable"  # checkpoints/unusable/: folders moved aside on request, never read (no step_N name)
 FORMAT_VERSION = 2
 _STEP = re.compile(r"^step_(\d{7,})$")
 
@@ -165,20 +168,32 @@ def newest_valid(run_dir: str | Path, comm: Optional[Comm] = None) -> Optional[P
     why when none verifies (nothing is deleted or overwritten). Collective with a collective ``comm``."""
     comm, reasons = comm or Comm(False), []
     folders = step_folders(run_dir)
-    for folder in reversed(folders):
+    for older, folder in reversed(list(enumerate(folders))):  # `older`: how many older candidates remain
         why = problem(folder, comm)
         if why is None:
             return folder
         reasons.append(why)
-        if comm.rank == 0:  # on stderr, not through `warnings`: a filter must never hide a skipped checkpoint
+        if comm.rank == 0 and older:  # on stderr, not `warnings`: a filter must never hide a skipped checkpoint
             print(f"warning: skipping checkpoint {folder.name}: {why}; falling back to an older one",
                   file=sys.stderr, flush=True)
     if reasons:
         raise CheckpointError(f"none of the {len(folders)} checkpoints in {Path(run_dir) / 'checkpoints'} verifies: "
                               + "; ".join(reasons),
                               hint="nothing was loaded, deleted or overwritten; restore the folders from a backup, "
-                                   "or move them out of checkpoints/ to start the run over")
+                                   f"or run `lmforge checkpoint move-aside {run_dir}` to move the unusable ones into "
+                                   f"checkpoints/{ASIDE}/ (with a note each) and start the run over")
+    aside = moved_aside(run_dir)
+    if aside and comm.rank == 0:
+        print(f"note: no checkpoint in {Path(run_dir) / 'checkpoints'}; the {len(aside)} folder(s) in {ASIDE}/ were "
+              "moved aside by `lmforge checkpoint move-aside` (they do not verify) and are never read",
+              file=sys.stderr, flush=True)
     return None
+
+
+def moved_aside(run_dir: str | Path) -> list[Path]:
+    """The folders ``lmforge checkpoint move-aside`` moved into ``checkpoints/unusable/`` (never read)."""
+    root = Path(run_dir) / "checkpoints" / ASIDE
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def write_folder(run_dir: str | Path, step: int, write: Callable[[Path], None], manifest: dict[str, Any],
@@ -225,8 +240,14 @@ def _finish(tmp: Path, final: Path, manifest: dict) -> None:
     for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, key=lambda p: -len(p.parts)):
         _fsync(sub)
     old = final.parent / f"{final.name}.old-{os.getpid()}"
-    if final.exists():  # re-saving a step (a run resumed from it): swap the old folder out
-        os.rename(final, old)
+    if final.exists():  # re-saving a step (a run resumed from an older one): swap the old folder out
+        why = problem(final)
+        if why is None:
+            os.rename(final, old)
+        else:  # a folder the resume skipped as corrupt is evidence: set aside with a note, never deleted
+            from lmforge.checkpoint.aside import set_aside
+
+            set_aside(final, why, by=f"a save of the same step ({final.name}), which would have replaced it")
     os.rename(tmp, final)
     _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)

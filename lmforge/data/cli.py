@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from lmforge.config import ConfigError
 
@@ -79,10 +81,21 @@ def cmd_verify(args: argparse.Namespace, extra: list[str]) -> int:
     if problems:
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
+        raise _verify_failed(Path(args.dir), problems)
     print(f"{args.dir}: OK (all shards match manifest.json)")
     return 0
+
+
+def _verify_failed(folder: Path, problems: list[str]):
+    """One error line naming each failing file and what failed (the FAIL lines above hold every detail)."""
+    from lmforge.errors import DataError
+
+    short = [p.removeprefix(f"{folder}{os.sep}") for p in problems]
+    short = [": ".join(p.split(": ")[:2]) for p in short]  # "x.bin: sha256 mismatch (...)", without the hashes
+    shown = "; ".join(short[:3]) + (f"; and {len(short) - 3} more (listed above)" if len(short) > 3 else "")
+    return DataError(f"{folder}: verification failed, {len(problems)} problem(s): {shown}",
+                     hint="do not train on it: re-run `lmforge data prepare` (with --force) to rebuild the folder, "
+                          "or restore the files listed above from a backup")
 
 
 def add_data_commands(subparsers) -> None:
@@ -112,7 +125,7 @@ def add_data_commands(subparsers) -> None:
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    v = dsub.add_parser("verify", help="re-check every shard against manifest checksums (exit 1 on mismatch)")
+    v = dsub.add_parser("verify", help="re-check every shard against manifest checksums (exit 2 on a problem)")
     v.add_argument("dir")
     v.add_argument("--fast", action="store_true", help="do not report token ids >= vocab_size (kept for old "
                    "scripts: the range check shares the hash's single pass and costs nothing extra)")
