@@ -124,7 +124,29 @@ def test_probs_attention_bf16_close_to_fp32_and_only_where_it_pays():
     assert not probs_attention_ok(q, k, 0.0)  # float32: SDPA
     assert not probs_attention_ok(qb, kb, 0.1)  # dropout: SDPA
     with torch.no_grad():
-        assert not probs_attention_ok(qb, kb, 0.0)  # inference: SDPA
+        assert not probs_attention_ok(qb, kb, 0.0)  # inference over a prompt: SDPA
+        assert probs_attention_ok(qb[:, :, :1], kb, 0.0)  # a one-query decode step in bf16: probs
+        assert not probs_attention_ok(q[:, :, :1], k, 0.0)  # ... in float32: SDPA
+
+
+def test_bf16_decode_step_through_probs_attention_is_close_to_float32(monkeypatch):
+    """Cached generation in bf16 (one query per step) takes probs_attention; its logits stay near fp32's."""
+    import lmforge.models.common as common
+
+    calls = []
+    monkeypatch.setattr(common, "probs_attention", lambda *a: calls.append(a[0].shape) or probs_attention(*a))
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                      max_seq_len=32)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m = build_model(cfg, seed=0).to(dt).eval()
+        with torch.inference_mode():
+            cache = m.new_cache(2, 16)
+            m(x[:, :11], cache=cache)
+            out[dt] = m(x[:, 11:], cache=cache).float()[:, -1]
+    assert [s[2] for s in calls] == [1, 1]  # the bf16 decode step, in both layers; never the prompt or fp32
+    torch.testing.assert_close(out[torch.bfloat16], out[torch.float32], rtol=0.05, atol=0.05)
 
 
 def test_model_bf16_training_step_matches_sdpa_path(monkeypatch):
