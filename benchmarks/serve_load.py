@@ -7,13 +7,15 @@ and with Poisson arrivals at set rates. Every request is greedy with fixed token
 token), ITL, end-to-end latency (mean / p50 / p99), output tokens/s, requests/s and errors. The baseline is
 HF ``transformers`` ``generate`` at batch 1, sequential, on the same weights (exported with
 ``lmforge.models.hf.save_hf``) and the same prompts. ``--kv-compare`` reruns the concurrency mode with a
-fixed KV budget as a contiguous slot pool (one block = the context) and as a paged pool. ``--drain-check``
+fixed KV budget as a contiguous slot pool (one block = the context) and as a paged pool. ``--dtype`` is the
+server's (float32 by default, so both sides do the same arithmetic; ``auto`` is what lmforge picks here) and
+``--hf-dtype`` the baseline's (default: the same; float32 under ``auto``). ``--drain-check``
 sends SIGTERM under load and counts failed / lost requests; unauthenticated requests are fired throughout.
 Loops are bounded in count and time; the server is only ever on 127.0.0.1.
 
     .venv/bin/python benchmarks/serve_load.py [--preset bench-6l] [--model DIR] [--num-prompts 32]
         [--rates 2,4,8] [--concurrency 16] [--threads 1] [--kv-compare] [--invariance-compare] [--drain-check]
-        [--ab-repeats 5] [--json out.json]
+        [--ab-repeats 5] [--dtype float32|auto|bfloat16] [--hf-dtype float32|bfloat16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -349,8 +351,10 @@ def main() -> None:
     ap.add_argument("--invariance-compare", action="store_true", help="also run with --batch-invariant off")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--ab-repeats", type=int, default=0, help="alternate HF and lmforge-at-concurrency N times")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the dtype of both the server and the HF baseline (the same arithmetic on both sides)")
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                    help="the server's --dtype (auto: what lmforge picks on this machine)")
+    ap.add_argument("--hf-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="the HF baseline's dtype (default: --dtype; float32 when --dtype is auto)")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
@@ -363,7 +367,8 @@ def main() -> None:
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     rows = serve_modes(args, run, prompts, tmp)
-    hf = None if args.no_hf else hf_generator(run, args.threads, args.dtype)
+    args.hf_dtype = args.hf_dtype or ("float32" if args.dtype == "auto" else args.dtype)
+    hf = None if args.no_hf else hf_generator(run, args.threads, args.hf_dtype)
     if hf is not None:
         rows.insert(0, hf(prompts[:args.hf_prompts], args.output_len))
     if hf is not None and args.ab_repeats:
@@ -374,7 +379,7 @@ def main() -> None:
         rows += invariance_off(args, run, prompts, tmp)
     if args.drain_check:
         rows.append(drain_check(args, run, prompts, tmp))
-    meta = {"cpu": cpu_name(), "dtype": args.dtype, "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
+    meta = {"cpu": cpu_name(), "dtype": args.dtype, "hf_dtype": args.hf_dtype, "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
             "output_len": args.output_len, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
     for r in rows:
