@@ -201,3 +201,17 @@ def test_a_resume_that_saves_over_a_corrupt_step_sets_it_aside(three_ckpts, tmp_
     assert kept.read_bytes() == corrupt_bytes
     note = (aside / "step_0000003.NOTE.txt").read_text()
     assert "a save of the same step" in note and "sha256" in note
+
+
+def test_prune_puts_back_a_swapped_out_folder_that_is_the_only_copy(three_ckpts, tmp_path):
+    """A crash between the two renames of a re-save leaves step_N.old-PID and no step_N: the next prune
+    renames it back instead of deleting it; where a new step_N exists, the old copy goes as before."""
+    from lmforge.checkpoint.folder import prune
+
+    run = copy_of(three_ckpts, tmp_path / "run")
+    ck = run / "checkpoints"
+    os.rename(ck / "step_0000003", ck / f"step_0000003.old-{DEAD_PID}")
+    shutil.copytree(ck / "step_0000002", ck / f"step_0000002.old-{DEAD_PID}")  # step_0000002 itself still there
+    prune(run, keep_last=3)
+    assert sorted(p.name for p in ck.iterdir()) == list(STEPS)
+    assert newest_valid(run).name == "step_0000003"

@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from lmforge.checkpoint.folder import ASIDE, _fsync, is_checkpoint, moved_aside, problem, step_folders
+from lmforge.checkpoint.folder import (ASIDE, _fsync, is_checkpoint, moved_aside, problem, step_folders,
+                                       writer_alive)
 from lmforge.errors import CheckpointError
 
 _LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")
@@ -50,26 +51,13 @@ def checkpoints_root(run_dir: str | Path) -> Path:
     return run / "checkpoints"
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (a writer on another node cannot be seen)."""
-    if not 0 < pid < 2 ** 31:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def survey(run_dir: str | Path) -> list[Entry]:
     """Every checkpoint folder of the run (oldest first) with why it cannot be used, then the leftovers."""
     root = checkpoints_root(run_dir)
     entries = [Entry(p, problem(p)) for p in step_folders(run_dir)]
     for p in sorted(p for p in root.iterdir() if p.is_dir() and _LEFTOVER.search(p.name)):
         kind, pid = _LEFTOVER.search(p.name).groups()
-        busy = _running(int(pid))
+        busy = writer_alive(int(pid))
         what = "an unfinished save" if kind == "tmp" else "the previous folder of a re-saved step"
         state = "still running on this machine: a save may be in progress" if busy else "no longer running"
         entries.append(Entry(p, f"{p}: {what} by process {pid} ({state}); never read", leftover=True, busy=busy))

@@ -253,11 +253,40 @@ def _finish(tmp: Path, final: Path, manifest: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a writer on another node cannot be seen)."""
+    if not 0 < pid < 2 ** 31:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _restore_swapped_out(root: Path) -> list[Path]:
+    """A crash between ``_finish``'s two renames leaves ``step_N.old-PID`` as the only copy of ``step_N``:
+    put it back when its writer is gone and no ``step_N`` took its place (never delete it)."""
+    restored = []
+    for p in sorted(root.iterdir()):
+        name, sep, pid = p.name.partition(".old-")
+        if sep and pid.isdigit() and _STEP.match(name) and p.is_dir() and not (root / name).exists() \
+                and not writer_alive(int(pid)):
+            os.rename(p, root / name)
+            restored.append(root / name)
+    return restored
+
+
 def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, best_metric: str = "val_loss",
           best_mode: str = "min") -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (sparing the ``keep_best`` best by
-    ``best_metric``) and the ``.tmp-``/``.old-`` leftovers of other processes. A ``step_N`` folder without
-    ``COMPLETE`` is left alone (it is never read, and may be someone's evidence)."""
+    ``best_metric``) and the ``.tmp-``/``.old-`` leftovers of other processes, after putting back a
+    swapped-out folder that is the only copy of its step (``_restore_swapped_out``). A ``step_N`` folder
+    without ``COMPLETE`` is left alone (it is never read, and may be someone's evidence)."""
+    if (Path(run_dir) / "checkpoints").is_dir():
+        _restore_swapped_out(Path(run_dir) / "checkpoints")
     done = complete_folders(run_dir)
     keep = set(done[-keep_last:]) if keep_last > 0 else set()
     scored = []
