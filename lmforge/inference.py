@@ -67,10 +67,10 @@ def inference_dtype(folder: Optional[str | Path], want: str = "auto", runtime: s
     compressed folder or the ONNX runtime; an explicit float32/bfloat16/float16 is honoured."""
     from lmforge.hardware.precision import resolve_dtype
 
-    choice = resolve_dtype(want, "cpu", keep_fp32=fp32_reason(folder, runtime), **inject)
-    if runtime == "onnxruntime" and choice.precision != "fp32":
-        raise ConfigError(f"--dtype {want}: --runtime onnxruntime runs the exported graph in float32 "
-                          "(use --dtype auto or float32)")
+    keep = fp32_reason(folder, runtime)
+    choice = resolve_dtype(want, "cpu", keep_fp32=keep, **inject)
+    if keep and choice.precision != "fp32":  # int8 scales, pruned masks, the ONNX graph: all float32
+        raise ConfigError(f"--dtype {want}: {keep} (use --dtype auto or float32)")
     return choice
 
 

@@ -139,6 +139,9 @@ def test_a_crash_mid_save_never_yields_a_loadable_folder(tmp_path, where):
     child = multiprocessing.get_context("spawn").Process(target=save_and_die, args=(str(tmp_path), where))
     child.start()
     child.join(60)
+    if child.exitcode is None:  # hung: fail, but leave no process behind
+        child.kill()
+        child.join(10)
     assert child.exitcode == -signal.SIGKILL
     leftovers = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert leftovers == ["step_0000001", f"step_0000002.tmp-{child.pid}"]

@@ -203,15 +203,24 @@ def test_a_resume_that_saves_over_a_corrupt_step_sets_it_aside(three_ckpts, tmp_
     assert "a save of the same step" in note and "sha256" in note
 
 
-def test_prune_puts_back_a_swapped_out_folder_that_is_the_only_copy(three_ckpts, tmp_path):
-    """A crash between the two renames of a re-save leaves step_N.old-PID and no step_N: the next prune
-    renames it back instead of deleting it; where a new step_N exists, the old copy goes as before."""
+@pytest.mark.parametrize("pid", [DEAD_PID, os.getpid()])  # a live (or reused) PID proves nothing
+def test_a_swapped_out_only_copy_is_put_back_never_deleted(three_ckpts, tmp_path, capsys, pid):
+    """A crash between the two renames of a re-save leaves step_N.old-PID and no step_N. `list` says so and
+    changes nothing; resume (newest_valid), prune and move-aside put it back; where a new step_N exists the
+    old copy is an ordinary leftover."""
     from lmforge.checkpoint.folder import prune
 
     run = copy_of(three_ckpts, tmp_path / "run")
     ck = run / "checkpoints"
-    os.rename(ck / "step_0000003", ck / f"step_0000003.old-{DEAD_PID}")
+    os.rename(ck / "step_0000003", ck / f"step_0000003.old-{pid}")
+    before = snapshot(run)
+    assert main(["checkpoint", "list", str(run)]) == 0
+    assert "the only copy of step_0000003" in capsys.readouterr().out and snapshot(run) == before
+    assert newest_valid(run).name == "step_0000003"  # a resume finds it again
+    os.rename(ck / "step_0000003", ck / f"step_0000003.old-{pid}")
     shutil.copytree(ck / "step_0000002", ck / f"step_0000002.old-{DEAD_PID}")  # step_0000002 itself still there
     prune(run, keep_last=3)
     assert sorted(p.name for p in ck.iterdir()) == list(STEPS)
-    assert newest_valid(run).name == "step_0000003"
+    os.rename(ck / "step_0000003", ck / f"step_0000003.old-{pid}")
+    assert main(["checkpoint", "move-aside", str(run)]) == 0
+    assert sorted(p.name for p in ck.iterdir()) == list(STEPS) and newest_valid(run).name == "step_0000003"

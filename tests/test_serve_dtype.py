@@ -91,9 +91,13 @@ def test_compressed_folder_stays_float32_unprobed(machine, compressed):
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
 def test_explicit_dtype_is_honoured_unprobed(machine, tiny_run, compressed, name):
     machine(AVX2, EPYC)
-    for folder in (tiny_run, compressed):
-        c = serving_dtype(name, folder)
-        assert (c.dtype_name, c.requested, c.reason) == (name, name, "requested")
+    c = serving_dtype(name, tiny_run)
+    assert (c.dtype_name, c.requested, c.reason) == (name, name, "requested")
+    if name == "float32":
+        assert serving_dtype(name, compressed).dtype is torch.float32
+    else:  # a compressed folder's kernels and scales are float32: half precision is refused, naming why
+        with pytest.raises(ConfigError, match=f"--dtype {name}: compressed folder"):
+            serving_dtype(name, compressed)
     assert machine.calls == []
 
 
@@ -165,5 +169,8 @@ def test_generate_compressed_folder_auto_is_float32_and_bad_dtype_is_refused(mac
     assert main(["generate", "--run", str(compressed), "--dtype", "bf16", *GEN]) == 2
     err = capsys.readouterr().err
     assert "lmforge generate: error: --dtype 'bf16'" in err and "Traceback" not in err
-    assert main(["generate", "--run", str(compressed), "--dtype", "float16", *GEN]) == 0
+    assert main(["generate", "--run", str(compressed), "--dtype", "float16", *GEN]) == 2
+    err = capsys.readouterr().err  # half precision would cast its float32 scales: refused, naming why
+    assert "--dtype float16: compressed folder" in err and "Traceback" not in err
+    assert main(["generate", "--run", str(compressed), "--dtype", "float32", *GEN]) == 0
     assert "dtype" not in capsys.readouterr().err  # an explicit choice has nothing to explain

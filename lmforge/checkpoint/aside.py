@@ -57,6 +57,11 @@ def survey(run_dir: str | Path) -> list[Entry]:
     entries = [Entry(p, problem(p)) for p in step_folders(run_dir)]
     for p in sorted(p for p in root.iterdir() if p.is_dir() and _LEFTOVER.search(p.name)):
         kind, pid = _LEFTOVER.search(p.name).groups()
+        step = root / _LEFTOVER.sub("", p.name)
+        if kind == "old" and not step.exists():  # never moved aside: restore_swapped_out puts it back
+            entries.append(Entry(p, f"{p}: the only copy of {step.name} (a save was cut between its two renames); "
+                                    "the next resume, save or move-aside puts it back", leftover=True, busy=True))
+            continue
         busy = writer_alive(int(pid))
         what = "an unfinished save" if kind == "tmp" else "the previous folder of a re-saved step"
         state = "still running on this machine: a save may be in progress" if busy else "no longer running"

@@ -167,6 +167,9 @@ def newest_valid(run_dir: str | Path, comm: Optional[Comm] = None) -> Optional[P
     naming the problem. None when the run has no checkpoint; ``CheckpointError`` listing every checkpoint and
     why when none verifies (nothing is deleted or overwritten). Collective with a collective ``comm``."""
     comm, reasons = comm or Comm(False), []
+    if comm.rank == 0:
+        restore_swapped_out(Path(run_dir) / "checkpoints")
+    comm.gather(None)  # every rank lists after rank 0 put back what it could
     folders = step_folders(run_dir)
     for older, folder in reversed(list(enumerate(folders))):  # `older`: how many older candidates remain
         why = problem(folder, comm)
@@ -220,11 +223,13 @@ def write_folder(run_dir: str | Path, step: int, write: Callable[[Path], None], 
             _fsync(tmp / name)
             share[name] = {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
     files = {k: v for part in comm.gather(share) for k, v in part.items()}
+    # re-saving a step: does the folder it replaces verify? (hashed by all ranks, cached from the resume)
+    replaced = problem(final, comm) if comm.gather(final.exists())[0] else None
     err = None
     if comm.rank == 0:
         try:
             _finish(tmp, final, {"format_version": FORMAT_VERSION, **manifest, "step": step, "time": time.time(),
-                                 "files": dict(sorted(files.items()))})
+                                 "files": dict(sorted(files.items()))}, replaced)
             if prune_kw is not None:
                 prune(run_dir, **prune_kw)
         except OSError as e:
@@ -233,7 +238,9 @@ def write_folder(run_dir: str | Path, step: int, write: Callable[[Path], None], 
     return final
 
 
-def _finish(tmp: Path, final: Path, manifest: dict) -> None:
+def _finish(tmp: Path, final: Path, manifest: dict, replaced: Optional[str] = None) -> None:
+    """Marker, fsync, rename into place. ``replaced``: why the ``final`` this replaces does not verify (None:
+    it verifies, or there is none); such a folder is set aside with a note, never deleted."""
     for name, text in ((MANIFEST, json.dumps(manifest, indent=1)), (MARKER, str(manifest["step"]))):
         (tmp / name).write_text(text)
         _fsync(tmp / name)
@@ -241,13 +248,12 @@ def _finish(tmp: Path, final: Path, manifest: dict) -> None:
         _fsync(sub)
     old = final.parent / f"{final.name}.old-{os.getpid()}"
     if final.exists():  # re-saving a step (a run resumed from an older one): swap the old folder out
-        why = problem(final)
-        if why is None:
+        if replaced is None:
             os.rename(final, old)
         else:  # a folder the resume skipped as corrupt is evidence: set aside with a note, never deleted
             from lmforge.checkpoint.aside import set_aside
 
-            set_aside(final, why, by=f"a save of the same step ({final.name}), which would have replaced it")
+            set_aside(final, replaced, by=f"a save of the same step ({final.name}), which would have replaced it")
     os.rename(tmp, final)
     _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
@@ -266,15 +272,22 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
-def _restore_swapped_out(root: Path) -> list[Path]:
-    """A crash between ``_finish``'s two renames leaves ``step_N.old-PID`` as the only copy of ``step_N``:
-    put it back when its writer is gone and no ``step_N`` took its place (never delete it)."""
+def restore_swapped_out(root: Path) -> list[Path]:
+    """A crash between ``_finish``'s two renames leaves ``step_N.old-PID`` as the only copy of ``step_N``: put
+    it back wherever no ``step_N`` took its place (never delete it). Whether PID still runs is not asked: a
+    PID seen from another container or reused by another job proves nothing, and a live writer holds that
+    state only between two renames. Called by readers (``newest_valid``) and writers (``prune``)."""
     restored = []
-    for p in sorted(root.iterdir()):
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
         name, sep, pid = p.name.partition(".old-")
-        if sep and pid.isdigit() and _STEP.match(name) and p.is_dir() and not (root / name).exists() \
-                and not writer_alive(int(pid)):
-            os.rename(p, root / name)
+        if sep and pid.isdigit() and _STEP.match(name) and p.is_dir() and not (root / name).exists():
+            try:
+                os.rename(p, root / name)
+            except OSError as e:  # e.g. a read-only copy of the run: readers still fall back past it
+                print(f"warning: cannot put back {p} as {name}: {e}", file=sys.stderr, flush=True)
+                continue
+            print(f"note: put back {name} from {p.name} (the only copy: a save was cut between its two renames)",
+                  file=sys.stderr, flush=True)
             restored.append(root / name)
     return restored
 
@@ -283,10 +296,9 @@ def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, best_metric: 
           best_mode: str = "min") -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (sparing the ``keep_best`` best by
     ``best_metric``) and the ``.tmp-``/``.old-`` leftovers of other processes, after putting back a
-    swapped-out folder that is the only copy of its step (``_restore_swapped_out``). A ``step_N`` folder
+    swapped-out folder that is the only copy of its step (``restore_swapped_out``). A ``step_N`` folder
     without ``COMPLETE`` is left alone (it is never read, and may be someone's evidence)."""
-    if (Path(run_dir) / "checkpoints").is_dir():
-        _restore_swapped_out(Path(run_dir) / "checkpoints")
+    restore_swapped_out(Path(run_dir) / "checkpoints")
     done = complete_folders(run_dir)
     keep = set(done[-keep_last:]) if keep_last > 0 else set()
     scored = []

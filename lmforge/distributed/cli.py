@@ -28,10 +28,13 @@ def _cmd_list(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"checkpoint {args.checkpoint_command}: unexpected arguments {' '.join(extra)}")
-    from lmforge.checkpoint.aside import describe, describe_moved, move_aside, survey
+    from lmforge.checkpoint.aside import checkpoints_root, describe, describe_moved, move_aside, survey
+    from lmforge.checkpoint.folder import restore_swapped_out
 
     entries = survey(args.run)  # CheckpointError when it is not a run folder with checkpoints/
     if args.checkpoint_command == "move-aside":
+        if restore_swapped_out(checkpoints_root(args.run)):  # an only copy goes back, never aside
+            entries = survey(args.run)
         print(describe_moved(args.run, entries, move_aside(args.run, entries)))
     else:
         print(describe(args.run, entries))

@@ -153,7 +153,7 @@ def drain(state, timeout: float) -> None:
         time.sleep(0.5)
     # Linger: a client whose stream just ended may already be sending its next request on that kept-alive
     # connection; it gets a 503 + Connection: close now, not a reset when the listener closes.
-    time.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
+    time.sleep(DRAIN_LINGER_S)
     if previous == "loading":
         log.info("drained while loading")
 
