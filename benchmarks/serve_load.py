@@ -379,7 +379,8 @@ def main() -> None:
         rows += invariance_off(args, run, prompts, tmp)
     if args.drain_check:
         rows.append(drain_check(args, run, prompts, tmp))
-    meta = {"cpu": cpu_name(), "dtype": args.dtype, "hf_dtype": args.hf_dtype, "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
+    meta = {"cpu": cpu_name(), "dtype": args.dtype, "hf_dtype": args.hf_dtype,
+            "threads": args.threads, "preset": args.preset, "input_len": args.input_len,
             "output_len": args.output_len, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
     for r in rows:

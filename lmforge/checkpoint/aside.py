@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from lmforge.checkpoint.folder import (ASIDE, _fsync, is_checkpoint, moved_aside, problem, step_folders,
-                                       writer_alive)
+from lmforge.checkpoint.folder import (ASIDE, _fsync, is_checkpoint, leftover, moved_aside, problem,
+                                       step_folders, writer_alive)
 from lmforge.errors import CheckpointError
-
-_LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")
 
 
 @dataclass
@@ -55,14 +52,14 @@ def survey(run_dir: str | Path) -> list[Entry]:
     """Every checkpoint folder of the run (oldest first) with why it cannot be used, then the leftovers."""
     root = checkpoints_root(run_dir)
     entries = [Entry(p, problem(p)) for p in step_folders(run_dir)]
-    for p in sorted(p for p in root.iterdir() if p.is_dir() and _LEFTOVER.search(p.name)):
-        kind, pid = _LEFTOVER.search(p.name).groups()
-        step = root / _LEFTOVER.sub("", p.name)
+    for p in sorted(p for p in root.iterdir() if p.is_dir() and leftover(p)):
+        name, kind, pid = leftover(p)
+        step = root / name
         if kind == "old" and not step.exists():  # never moved aside: restore_swapped_out puts it back
             entries.append(Entry(p, f"{p}: the only copy of {step.name} (a save was cut between its two renames); "
                                     "the next resume, save or move-aside puts it back", leftover=True, busy=True))
             continue
-        busy = writer_alive(int(pid))
+        busy = writer_alive(pid)
         what = "an unfinished save" if kind == "tmp" else "the previous folder of a re-saved step"
         state = "still running on this machine: a save may be in progress" if busy else "no longer running"
         entries.append(Entry(p, f"{p}: {what} by process {pid} ({state}); never read", leftover=True, busy=busy))

@@ -33,6 +33,7 @@ MARKER, MANIFEST = "COMPLETE", "manifest.json"
 ASIDE = "unusable"  # checkpoints/unusable/: folders moved aside on request, never read (no step_N name)
 FORMAT_VERSION = 2
 _STEP = re.compile(r"^step_(\d{7,})$")
+_LEFTOVER = re.compile(r"^(step_\d{7,})\.(tmp|old)-(\d+)$")  # a save's temporary / swapped-out folder
 
 
 class Comm:
@@ -272,6 +273,12 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
+def leftover(path: Path) -> Optional[tuple[str, str, int]]:
+    """``(step_N, "tmp" | "old", pid)`` for a save's leftover folder name, else None."""
+    m = _LEFTOVER.match(Path(path).name)
+    return (m[1], m[2], int(m[3])) if m else None
+
+
 def restore_swapped_out(root: Path) -> list[Path]:
     """A crash between ``_finish``'s two renames leaves ``step_N.old-PID`` as the only copy of ``step_N``: put
     it back wherever no ``step_N`` took its place (never delete it). Whether PID still runs is not asked: a
@@ -279,8 +286,8 @@ def restore_swapped_out(root: Path) -> list[Path]:
     state only between two renames. Called by readers (``newest_valid``) and writers (``prune``)."""
     restored = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
-        name, sep, pid = p.name.partition(".old-")
-        if sep and pid.isdigit() and _STEP.match(name) and p.is_dir() and not (root / name).exists():
+        name, kind, _ = leftover(p) or ("", "", 0)
+        if kind == "old" and p.is_dir() and not (root / name).exists():
             try:
                 os.rename(p, root / name)
             except OSError as e:  # e.g. a read-only copy of the run: readers still fall back past it
@@ -310,9 +317,9 @@ def prune(run_dir: str | Path, keep_last: int, keep_best: int = 0, best_metric: 
         if isinstance(value, (int, float)):
             scored.append((value if best_mode == "min" else -value, step_of(p), p))
     keep.update(p for *_, p in sorted(scored)[:keep_best])
-    root, mine = Path(run_dir) / "checkpoints", f"-{os.getpid()}"
-    stale = [p for p in root.iterdir() if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)
-             and not p.name.endswith(mine)] if root.is_dir() else []
+    root = Path(run_dir) / "checkpoints"
+    stale = [p for p in root.iterdir() if p.is_dir() and leftover(p) and leftover(p)[2] != os.getpid()] \
+        if root.is_dir() else []
     removed = [p for p in done if p not in keep] + stale
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)

@@ -20,6 +20,7 @@ from lmforge.training.schedule import build_scheduler
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_v1"
 EXPECTED = json.loads((FIX / "expected.json").read_text())
 TIMEOUT = 150
+VOCAB, SEQ = 48, 8
 
 
 def fixture_kernels() -> dict:
@@ -34,7 +35,6 @@ def fixture_kernels() -> dict:
 
 def same_kernels_as_fixture() -> bool:
     return fixture_kernels() == {k: EXPECTED.get(k) for k in ("cpu_capability", "cpu_vendor")}
-VOCAB, SEQ = 48, 8
 
 
 def _cfg(tie: bool = True, d_model: int = 16, opt: str = "adamw", **dist):
@@ -107,7 +107,6 @@ def _corrupt(folder: Path, pattern: str = "__0_0.distcp") -> Path:
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     return victim
-
 
 
 def _fixture_parts(run: str, seed: int = 5):
