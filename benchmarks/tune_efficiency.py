@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DATA = Path(os.environ.get("LMFORGE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPACE = {"optimizer.lr": [1e-4, 3e-4, 1e-3, 3e-3], "scheduler.warmup_steps": [0, 30],
          "optimizer.weight_decay": [0.0, 0.1]}
+TPE_ASHA = {"sampler": {"name": "tpe", "n_startup_trials": 4}, "n_trials": 12,
+            "pruner": {"name": "asha", "min_resource": 20, "reduction_factor": 3}}
 DEFAULT = {"optimizer.lr": 3e-4, "scheduler.warmup_steps": 100, "optimizer.weight_decay": 0.1}  # schema defaults
 
 
@@ -75,15 +78,9 @@ def study_yaml(out: Path, name: str, base: Path, body: dict) -> Path:
 
 
 def curve(study_dir: Path) -> list[tuple[int, float]]:
-    """(steps spent so far, best val_loss so far) in the order trials ended."""
+    """(steps spent so far, best val_loss so far) over the trials in the order they were sampled."""
     rep = json.loads((study_dir / "report.json").read_text())
-    import optuna
-
-    from lmforge.tune.storage import open_storage
-
-    st = optuna.load_study(study_name=study_dir.name, storage=open_storage(f"journal://{study_dir / 'study.journal'}"))
-    by_number = {t.number: t for t in st.trials}
-    rows = sorted(rep["trials"], key=lambda r: by_number[r["number"]].datetime_complete)
+    rows = sorted(rep["trials"], key=lambda r: r["number"])  # the sampling order (deterministic)
     out, spent, best = [], 0, float("inf")
     for r in rows:
         spent += r["steps"]
@@ -127,9 +124,7 @@ def efficiency(out: Path, base: Path, steps: int, workers: int, seeds: list[int]
     for seed in seeds:
         name = "tpe_asha" if seed == seeds[0] else f"tpe_asha_seed{seed}"
         t0 = time.time()
-        asha = tune(str(study_yaml(out, name, base, {
-            "sampler": {"name": "tpe", "n_startup_trials": 4}, "n_trials": 12, "seed": seed,
-            "pruner": {"name": "asha", "min_resource": 20, "reduction_factor": 3}})), workers=workers)
+        asha = tune(str(study_yaml(out, name, base, {**TPE_ASHA, "seed": seed})), workers=workers)
         a_best = asha["best"][0]["values"][0]
         res["tpe_asha"].append({
             "seed": seed, "best": a_best, "steps": asha["steps_spent"], "seconds": time.time() - t0,
@@ -139,6 +134,69 @@ def efficiency(out: Path, base: Path, steps: int, workers: int, seeds: list[int]
             "tuned_beats_default": a_best < res["default_val_loss"], "run_dir": asha["best"][0]["run_dir"]})
     plot(res, out / "tune_efficiency_curves.png")
     return res
+
+
+def replay(grid_dir: Path, tmp: Path, seeds: range, workers: int, steps: int, g_best: float) -> dict:
+    """TPE + ASHA studies replayed on the grid's recorded learning curves: training is deterministic (equal
+    parameters give equal curves, as the grid's repeats show), so a trial's reports can be looked up instead
+    of trained. lmforge's own ordered sampler, pruner and duplicate reuse decide, so the result per seed is
+    the real study's (checked against the seeds run for real), for many more seeds in seconds."""
+    import threading
+
+    import optuna
+
+    from lmforge.config import Config
+    from lmforge.tune.config import StudyConfig
+    from lmforge.tune.ordered import duplicate_of, slot_of
+    from lmforge.tune.space import parse_space
+    from lmforge.tune.storage import build_study, open_storage
+    from lmforge.tune.trial import _reuse
+
+    st = optuna.load_study(study_name=grid_dir.name, storage=open_storage(f"journal://{grid_dir / 'study.journal'}"))
+    curves = {tuple(sorted(t.params.items())): t.intermediate_values for t in st.trials}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        cfg = StudyConfig(base="unused", dir=str(tmp / f"replay{seed}"), seed=seed, space=SPACE,
+                          objective={"metric": "val_loss"}, **TPE_ASHA)
+        space, url = parse_space(cfg.space, Config), f"journal://{tmp / f'replay{seed}.journal'}"
+        build_study(cfg, url, space, workers, cfg.n_trials, steps)
+        lock, spent = threading.Lock(), []
+
+        def work():
+            study = build_study(cfg, url, space, workers, cfg.n_trials, steps, create=False)
+            study.sampler.poll_s = 0.005
+            while True:
+                with lock:
+                    if len(study.trials) >= cfg.n_trials:
+                        return
+                    trial = study.ask()
+                curve = curves[tuple(sorted(space.suggest(trial).items()))]
+                trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+                twin = duplicate_of(trials, slot_of(trials, trial.number), workers, trial.params)
+                if twin is not None:
+                    _reuse(study, trial, twin)
+                    continue
+                for step in sorted(curve):
+                    trial.report(curve[step], step)
+                    if trial.should_prune():
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        break
+                else:
+                    study.tell(trial, curve[steps])
+                spent.append(step)
+
+        threads = [threading.Thread(target=work) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        study = build_study(cfg, url, space, workers, cfg.n_trials, steps, create=False)
+        best = min(t.value for t in study.trials if t.state.name == "COMPLETE")
+        rows.append({"seed": seed, "best": best, "steps": sum(spent)})
+    met = [r for r in rows if r["best"] <= g_best * 1.01 and r["steps"] * 3 <= len(curves) * steps]
+    return {"seeds": len(rows), "met": len(met), "rows": rows}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -253,6 +311,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--seeds", default="0,1,2", help="TPE + ASHA seeds (the first is the headline)")
+    ap.add_argument("--replay-seeds", type=int, default=20, help="TPE + ASHA seeds replayed on the grid's curves")
     ap.add_argument("--skip-faults", action="store_true")
     ap.add_argument("--only-faults", action="store_true")
     args = ap.parse_args()
@@ -273,6 +332,11 @@ def main() -> int:
                                              [int(s) for s in args.seeds.split(",")])
         print(json.dumps({k: v for k, v in eff.items() if k not in ("grid_curve", "tpe_asha")}, indent=2))
         print(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in eff["tpe_asha"]], indent=2))
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # one line per reused trial
+            res["replay"] = rp = replay(out / "grid", out / "replay", range(args.replay_seeds), args.workers,
+                                        args.steps, eff["grid_best"])
+        print(f"replay: {rp['met']}/{rp['seeds']} seeds within 1% of the grid's best with <= 1/3 of its steps")
+        print(json.dumps(rp["rows"]))
         res["harness"] = harness(out, Path(eff["tpe_asha"][0]["run_dir"]))
         print(json.dumps(res["harness"], indent=2))
     if not args.skip_faults:

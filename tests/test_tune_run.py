@@ -143,3 +143,31 @@ def test_two_coordinators_share_one_study(base):
     assert all(t.user_attrs.get("lmforge_surplus") for t in extra)  # a race for the last slot is never run
     ref = [(t.state.name, t.params, round(t.values[0], 6) if t.values else None) for t in _ledger(base / "ref")]
     assert [(t.state.name, t.params, round(t.values[0], 6) if t.values else None) for t in settled] == ref
+
+
+def test_a_repeated_point_reuses_the_earlier_result_without_training(base):
+    """Two candidate points, four trials, one worker: at least two trials repeat a settled one. They take
+    its value and state, spend no steps and get no run folder."""
+    study = _study(base, "dups", extra="")
+    study.write_text(study.read_text().replace("sampler: {name: tpe, n_startup_trials: 2}",
+                                               "sampler: {name: random}").replace(
+        "pruner: {name: asha, min_resource: 4, reduction_factor: 2}", "pruner: {name: none}").replace(
+        "  optimizer.lr: {log: [1.0e-4, 3.0e-2]}\n", ""))
+    out = _tune(study, "--workers", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = _ledger(base / "dups")
+    reused = [t for t in trials if "lmforge_duplicate_of" in t.user_attrs]
+    assert len(trials) == 4 and len(reused) >= 2
+    by_number = {t.number: t for t in trials}
+    for t in reused:
+        twin = by_number[t.user_attrs["lmforge_duplicate_of"]]
+        assert twin.number < t.number and "lmforge_duplicate_of" not in twin.user_attrs
+        assert (t.params, t.state, t.values) == (twin.params, twin.state, twin.values)
+        assert not (base / "dups" / "trials" / f"trial_{t.number:04d}").exists()
+    logs = "".join(p.read_text() for p in (base / "dups" / "logs").glob("*.log"))
+    assert logs.count("is reused, no training") == len(reused)
+    rep = json.loads((base / "dups" / "report.json").read_text())
+    assert rep["counts"]["reused"] == len(reused)
+    assert rep["steps_spent"] == 12 * (4 - len(reused))
+    assert {r["number"]: r["steps"] for r in rep["trials"] if r["reused_from"] is not None} == \
+        {t.number: 0 for t in reused}

@@ -138,6 +138,14 @@ def test_same_seed_same_trials_whatever_the_timing(tmp_path, sampler):
     assert c != a  # the seed matters
 
 
+def test_parallel_grid_visits_every_point_once(tmp_path):
+    """2 workers over a 32-point grid: 32 distinct points (every slot's grid sampler shuffles the grid
+    with the study's seed; a per-slot seed gave each slot its own order and repeated points)."""
+    got = _run_slots("grid", 3, 32, 2, True, tmp_path)
+    points = [tuple(sorted(p.items())) for p, _, _ in got]
+    assert len(points) == 32 and len(set(points)) == 32
+
+
 @pytest.mark.parametrize("pruner", ["median", "asha", "hyperband"])
 def test_pruning_decisions_do_not_depend_on_timing(tmp_path, pruner):
     a = _run_slots("tpe", 3, 10, 2, True, tmp_path / "a", pruner)
@@ -174,3 +182,26 @@ def test_conditional_space_over_finetune_keys():
     assert seen == {"full", "lora"}
     with pytest.raises(ConfigError, match="not a parameter listed before it"):
         parse_space({"method.lora_r": {"int": [4, 8], "when": {"method.name": "lora"}}}, FinetuneConfig)
+
+
+def test_duplicate_of_sees_only_the_settled_slots_of_the_view():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from lmforge.tune.ordered import duplicate_of
+
+    dist = {"x": CategoricalDistribution([1, 2, 3])}
+
+    def t(number, x, state, value=None):
+        fz = create_trial(params={"x": x}, distributions=dist, state=state, value=value,
+                          intermediate_values={4: 1.0} if state == TrialState.PRUNED else None)
+        fz.number = fz._trial_id = number
+        return fz
+
+    trials = [t(0, 1, TrialState.COMPLETE, 0.5), t(1, 2, TrialState.PRUNED), t(2, 3, TrialState.FAIL),
+              t(3, 3, TrialState.COMPLETE, 0.2)]
+    assert duplicate_of(trials, 5, 2, {"x": 1}).number == 0
+    assert duplicate_of(trials, 5, 2, {"x": 2}).number == 1  # a pruned twin is reused (as pruned)
+    assert duplicate_of(trials, 4, 2, {"x": 3}) is None  # slot 3 is still running for slot 4 (lag 2)
+    assert duplicate_of(trials, 5, 2, {"x": 3}).number == 3  # the failed slot 2 is no twin
+    assert duplicate_of(trials, 5, 2, {"x": 9}) is None

@@ -110,6 +110,10 @@ class StudyConfig(Section):
     deterministic: bool = Field(True, description="the same seed gives the same trials whatever the timing: "
                                 "trial k is sampled from trials 0..k-P (P = parallelism) and pruned against them")
     parallelism: Optional[int] = Field(None, ge=1, description="P above (None: --workers)")
+    duplicates: Literal["reuse", "train"] = Field(
+        "reuse", description="a fresh trial whose parameters equal a settled trial's (as its slot sees them): "
+        "reuse that result without training (the trial's seed is in its config, so the run would repeat), or "
+        "train it again (for a base job whose result varies between equal runs)")
     fault: FaultConfig = FaultConfig()
     cv: Optional[CVConfig] = None
     throughput: ThroughputConfig = ThroughputConfig()

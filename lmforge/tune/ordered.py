@@ -84,6 +84,22 @@ def view_trials(trials: list[FrozenTrial], slot: int, lag: int, current: Optiona
     return out
 
 
+DUPLICATE_OF = "lmforge_duplicate_of"  # user attr of a trial answered from an earlier one's result
+
+
+def duplicate_of(trials: list[FrozenTrial], slot: int, lag: int, params: dict) -> Optional[FrozenTrial]:
+    """The earliest settled trial (COMPLETE or PRUNED) with exactly ``params`` among the slots that
+    ``slot`` sees as ended (0..slot-lag), or None. Its result is the one a rerun would give: the trial's
+    training seed is part of its config, so equal parameters train the same run."""
+    for j, attempts in sorted(slot_attempts(trials).items()):
+        if j > slot - lag:
+            break
+        done = final_attempt(attempts)
+        if done is not None and done.state in (TrialState.COMPLETE, TrialState.PRUNED) and done.params == params:
+            return done
+    return None
+
+
 class ViewStorage:
     """Trial reads from a fixed list; study system attributes private to the view (samplers cache derived
     state there, e.g. NSGA-II's populations: a cache written from another slot's view would leak timing);

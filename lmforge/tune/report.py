@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from lmforge.tune.ordered import final_attempt, slot_attempts
+from lmforge.tune.ordered import DUPLICATE_OF, final_attempt, slot_attempts
 from lmforge.tune.plan import Plan
 
 
@@ -48,7 +48,8 @@ def counts(study, plan: Plan) -> dict:
     return {"slots": plan.n_slots, "settled": sum(settled.values()), "complete": settled.get("COMPLETE", 0),
             "pruned": settled.get("PRUNED", 0), "failed": settled.get("FAIL", 0),
             "attempts": {k: v for k, v in sorted(c.items())},
-            "retried": sum(1 for t in trials if "lmforge_retry_of" in t.user_attrs)}
+            "retried": sum(1 for t in trials if "lmforge_retry_of" in t.user_attrs),
+            "reused": sum(1 for t in trials if DUPLICATE_OF in t.user_attrs)}
 
 
 def progress_line(study, plan: Plan, t0: float) -> str:
@@ -72,7 +73,9 @@ def _fmt_s(s: float) -> str:
 
 
 def steps_spent(t) -> int:
-    """Training steps a trial used (its last reported step, else the run's summary)."""
+    """Training steps a trial used (its last reported step, else the run's summary; 0 when reused)."""
+    if DUPLICATE_OF in t.user_attrs:
+        return 0
     if t.intermediate_values:
         return int(max(t.intermediate_values))
     run = t.user_attrs.get("run_dir")
@@ -148,7 +151,7 @@ def trial_rows(study, plan: Plan) -> list[dict]:
         rows.append({"number": t.number, "state": t.state.name, "values": t.values, "params": t.params,
                      "steps": steps_spent(t), "run_dir": t.user_attrs.get("run_dir"),
                      "cv_std": t.user_attrs.get("cv_std"), "retry_of": t.user_attrs.get("lmforge_retry_of"),
-                     "fail_reason": t.user_attrs.get("fail_reason")})
+                     "fail_reason": t.user_attrs.get("fail_reason"), "reused_from": t.user_attrs.get(DUPLICATE_OF)})
     return rows
 
 
@@ -185,7 +188,8 @@ def _fmt(v) -> str:
 def to_html(rep: dict, plots: dict[str, Path]) -> str:
     e, c = html.escape, rep["counts"]
     head = (f"<p>{c['settled']} of {c['slots']} trials done: {c['complete']} complete, {c['pruned']} pruned, "
-            f"{c['failed']} failed ({c['retried']} retries); {rep['steps_spent']} training steps spent. "
+            f"{c['failed']} failed ({c['retried']} retries), {c['reused']} reused from an equal earlier trial; "
+            f"{rep['steps_spent']} training steps spent. "
             f"Objective: {e(', '.join(f'{m} ({d})' for m, d in zip(rep['metrics'], rep['directions'])))}.</p>")
     best = "".join(f"<tr><td>{b['number']}</td><td>{_fmt(b['values'])}</td><td>{_fmt(b['params'])}</td>"
                    f"<td>{e(str(b['run_dir']))}</td></tr>" for b in rep["best"])

@@ -87,8 +87,8 @@ def inner_sampler_factory(cfg: StudyConfig, space, n_objectives: int):
 
     sc, name = cfg.sampler, cfg.sampler.name
     if name == "grid":
-        grid = space.grid()
-        return lambda seed: S.GridSampler(grid, seed=seed)
+        grid = space.grid()  # one shuffle for every slot (the study's seed): slot k takes grid point k
+        return lambda _slot_seed: S.GridSampler(grid, seed=cfg.seed)
     if name == "random":
         return lambda seed: S.RandomSampler(seed=seed)
     if name == "tpe":

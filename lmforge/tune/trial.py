@@ -68,7 +68,8 @@ class Heartbeat:
 
 
 def _open(plan: Plan, number: Optional[int]):
-    """Rank 0: (study, trial, slot, params, heartbeat) or None for a surplus trial (told FAIL, never run)."""
+    """Rank 0: (study, trial, slot, params, heartbeat), or None for a trial settled here: a surplus one
+    (told FAIL, never run) or a repeat of a settled trial (``_reuse``)."""
     import optuna
 
     from lmforge.tune.ordered import slot_of
@@ -101,7 +102,53 @@ def _open(plan: Plan, number: Optional[int]):
         beat[0].stop()
         return None
     params = plan.space().suggest(trial)
+    twin = _twin(plan, study, trial, slot, fresh=number is None)
+    if twin is not None:
+        _reuse(study, trial, twin)
+        beat[0].stop()
+        return None
     return study, trial, slot, params, beat[0]
+
+
+def _twin(plan: Plan, study, trial, slot: int, fresh: bool):
+    """``duplicates: reuse``: the settled trial this one repeats (the slot's view only), else None. A
+    reopened trial keeps the twin it was given (a kill between ``_reuse``'s writes and its tell)."""
+    from lmforge.tune.ordered import DUPLICATE_OF, duplicate_of
+
+    storage = study._storage
+    frozen = storage.get_trial(trial._trial_id)
+    if not fresh or plan.cfg.duplicates != "reuse":
+        if DUPLICATE_OF not in frozen.user_attrs:
+            return None
+        tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, frozen.user_attrs[DUPLICATE_OF])
+        return storage.get_trial(tid)
+    params = frozen.params
+    lag = plan.lag if plan.cfg.deterministic else 1
+    return duplicate_of(storage.get_all_trials(study._study_id, deepcopy=False), slot, lag, params)
+
+
+def _reuse(study, trial, twin) -> None:
+    """Settle ``trial`` with ``twin``'s result without training: the same parameters train the same run.
+    Its curve is reported again (pruners see it as they saw the twin's) and it spends no steps."""
+    import optuna
+
+    from lmforge.tune.ordered import DUPLICATE_OF
+
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, DUPLICATE_OF, twin.number)
+    if "run_dir" in twin.user_attrs:
+        storage.set_trial_user_attr(trial._trial_id, "run_dir", twin.user_attrs["run_dir"])
+    storage.set_trial_system_attr(trial._trial_id, OUTCOME, "reused")
+    done = storage.get_trial(trial._trial_id).intermediate_values
+    for step, value in sorted(twin.intermediate_values.items()):
+        if step not in done:
+            trial.report(value, step)
+    if twin.state == optuna.trial.TrialState.COMPLETE:
+        study.tell(trial, twin.values if len(twin.values) > 1 else twin.values[0])
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    print(f"[tune] trial {trial.number}: the parameters of trial {twin.number}; its result "
+          f"({twin.state.name.lower()}) is reused, no training", file=sys.stderr)
 
 
 def _own(storage, trial_id: int) -> None:
