@@ -150,7 +150,7 @@ def replay(grid_dir: Path, tmp: Path, seeds: range, workers: int, steps: int, g_
     from lmforge.tune.ordered import duplicate_of, slot_of
     from lmforge.tune.space import parse_space
     from lmforge.tune.storage import build_study, open_storage
-    from lmforge.tune.trial import _reuse
+    from lmforge.tune.trial import reuse
 
     st = optuna.load_study(study_name=grid_dir.name, storage=open_storage(f"journal://{grid_dir / 'study.journal'}"))
     curves = {tuple(sorted(t.params.items())): t.intermediate_values for t in st.trials}
@@ -176,7 +176,7 @@ def replay(grid_dir: Path, tmp: Path, seeds: range, workers: int, steps: int, g_
                 trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
                 twin = duplicate_of(trials, slot_of(trials, trial.number), workers, trial.params)
                 if twin is not None:
-                    _reuse(study, trial, twin)
+                    reuse(study, trial, twin)
                     continue
                 for step in sorted(curve):
                     trial.report(curve[step], step)

@@ -69,7 +69,7 @@ class Heartbeat:
 
 def _open(plan: Plan, number: Optional[int]):
     """Rank 0: (study, trial, slot, params, heartbeat), or None for a trial settled here: a surplus one
-    (told FAIL, never run) or a repeat of a settled trial (``_reuse``)."""
+    (told FAIL, never run) or a repeat of a settled trial (``reuse``)."""
     import optuna
 
     from lmforge.tune.ordered import slot_of
@@ -104,30 +104,29 @@ def _open(plan: Plan, number: Optional[int]):
     params = plan.space().suggest(trial)
     twin = _twin(plan, study, trial, slot, fresh=number is None)
     if twin is not None:
-        _reuse(study, trial, twin)
+        reuse(study, trial, twin)
         beat[0].stop()
         return None
     return study, trial, slot, params, beat[0]
 
 
 def _twin(plan: Plan, study, trial, slot: int, fresh: bool):
-    """``duplicates: reuse``: the settled trial this one repeats (the slot's view only), else None. A
-    reopened trial keeps the twin it was given (a kill between ``_reuse``'s writes and its tell)."""
+    """The settled trial this one repeats, else None: the twin a reopened trial was given (a kill between
+    ``reuse``'s writes and its tell), or, for a fresh trial under ``duplicates: reuse``, the slot's view's."""
     from lmforge.tune.ordered import DUPLICATE_OF, duplicate_of
 
     storage = study._storage
     frozen = storage.get_trial(trial._trial_id)
+    if DUPLICATE_OF in frozen.user_attrs:
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+            study._study_id, frozen.user_attrs[DUPLICATE_OF]))
     if not fresh or plan.cfg.duplicates != "reuse":
-        if DUPLICATE_OF not in frozen.user_attrs:
-            return None
-        tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, frozen.user_attrs[DUPLICATE_OF])
-        return storage.get_trial(tid)
-    params = frozen.params
+        return None
     lag = plan.lag if plan.cfg.deterministic else 1
-    return duplicate_of(storage.get_all_trials(study._study_id, deepcopy=False), slot, lag, params)
+    return duplicate_of(storage.get_all_trials(study._study_id, deepcopy=False), slot, lag, frozen.params)
 
 
-def _reuse(study, trial, twin) -> None:
+def reuse(study, trial, twin) -> None:
     """Settle ``trial`` with ``twin``'s result without training: the same parameters train the same run.
     Its curve is reported again (pruners see it as they saw the twin's) and it spends no steps."""
     import optuna
