@@ -54,6 +54,8 @@ def _study(tmp_path, base, body: str) -> Path:
     ("space:\n  optimizer.lr: [0.1]\nstorage: postgresql://nobody@127.0.0.1:1/none\n", "cannot connect"),
     ("space:\n  optimizer.lr: [0.1]\nstorage: sqlite:///x.db\n", "SQLite cannot hold a study with --workers 2"),
     ("space:\n  optimizer.lr: [0.1]\nstorage: /no/such/folder/s.journal\n", "folder /no/such/folder does not exist"),
+    ("space:\n  optimizer.lr: [0.1]\npruner: {name: asha}\noverrides: {training.max_steps: 80}\n",
+     "study.yaml:6:9: pruner.after_warmup: the base job warms up for 100 of its 80 steps"),
 ])
 def test_bad_study_refused_before_anything_is_written(tmp_path, base, body, message):
     from lmforge.tune.cli import tune
@@ -205,3 +207,39 @@ def test_duplicate_of_sees_only_the_settled_slots_of_the_view():
     assert duplicate_of(trials, 4, 2, {"x": 3}) is None  # slot 3 is still running for slot 4 (lag 2)
     assert duplicate_of(trials, 5, 2, {"x": 3}).number == 3  # the failed slot 2 is no twin
     assert duplicate_of(trials, 5, 2, {"x": 9}) is None
+
+
+def test_a_trial_is_not_judged_inside_its_own_warmup():
+    """ASHA at step 20 compares a trial still warming up (to step 30) with one that never warmed up, and
+    prunes the one that is better from step 40 on (the tune benchmark's best point). With the warm-up rule
+    its first judgement is at step 40, where it is the better one, and it survives every rung."""
+    from types import SimpleNamespace
+
+    from lmforge.config import SchedulerConfig
+    from lmforge.training.schedule import warmup_end
+    from lmforge.tune.config import PrunerConfig
+    from lmforge.tune.runner import judge_from
+    from lmforge.tune.trial import PruneHook
+
+    assert warmup_end(SchedulerConfig(name="cosine", warmup_steps=30)) == 30
+    assert warmup_end(SchedulerConfig(name="WarmupCosineLR", warmup_steps=12)) == 12
+    assert warmup_end(SchedulerConfig(name="WarmupLR", warmup_steps=30, params={"warmup_num_steps": 7})) == 7
+    assert warmup_end(SchedulerConfig(name="OneCycle", warmup_steps=30)) == 0  # no warm-up phase
+    job = SimpleNamespace(scheduler=SchedulerConfig(warmup_steps=30))
+    assert judge_from(SimpleNamespace(cfg=SimpleNamespace(pruner=PrunerConfig())), job) == 30
+    assert judge_from(SimpleNamespace(cfg=SimpleNamespace(pruner=PrunerConfig(after_warmup=False))), job) == 0
+
+    def second_trial_pruned_at(start: int):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=20))
+        for curve, frm in (((3.38, 3.04, 2.83, 2.69), 0), ((3.88, 3.01, 2.69, 2.59), start)):
+            hook = PruneHook(study.ask(), "val_loss", distributed=False, rank0=True, judge_from=frm)
+            for step, value in zip((20, 40, 60, 80), curve):
+                hook.evaluated(step, {"val_loss": value, "other": 1.0})
+                if hook.reason == "pruned":
+                    return step
+            study.tell(hook.trial, curve[-1])
+        return None
+
+    assert second_trial_pruned_at(0) == 20
+    assert second_trial_pruned_at(30) is None

@@ -181,6 +181,14 @@ def lr_factor_fn(cfg: SchedulerConfig, base_lr: float, max_steps: int) -> Callab
     raise ConfigError(f"invalid value for 'scheduler.name': {name!r}")
 
 
+def warmup_end(cfg: SchedulerConfig) -> int:
+    """The first step after the schedule's warm-up (0: none). Evaluations before it understate a run, so a
+    tuning pruner does not judge a trial on them (``pruner.after_warmup``)."""
+    if "warmup_num_steps" in _ds_defaults(cfg.name, 1.0, cfg.warmup_steps, 1):
+        return int(cfg.params.get("warmup_num_steps", cfg.warmup_steps))
+    return cfg.warmup_steps if cfg.name in _NATIVE else 0
+
+
 def _divided(fn: Callable[[int], float], base_lr: float, s: int) -> float:
     return fn(s) / base_lr
 

@@ -58,6 +58,9 @@ class PrunerConfig(Section):
     max_resource: Optional[int] = Field(None, ge=1, description="hyperband: steps of a full trial (None: the "
                                         "job's max steps)")
     reduction_factor: int = Field(3, ge=2, description="sha/asha/hyperband: keep 1/factor per rung")
+    after_warmup: bool = Field(True, description="do not prune a trial on evaluations made during its own "
+                               "learning-rate warm-up (they understate it: a trial warming up for longer looks "
+                               "worse early); its first judgement is its first evaluation after the warm-up")
 
 
 class FaultConfig(Section):

@@ -137,11 +137,28 @@ def prepare(cfg: StudyConfig, origins, workers: int, nproc: int, mode: str = "qu
         n = cfg.n_trials or 20
     max_steps = _max_steps(kind, base_cfg)
     make_pruner(cfg, max_steps)
+    _check_judged(cfg, space, base_cfg, max_steps, origins)
     inner_sampler_factory(cfg, space, len(metrics))
     url = storage_url(cfg)
     check_storage(url, workers, default=cfg.storage is None)
     return Plan(cfg.model_dump(mode="json"), kind, url, cfg.parallelism or workers, n, max_steps, metrics,
                 nproc, workers, mode, global_batch)
+
+
+def _check_judged(cfg: StudyConfig, space, base_cfg, max_steps: Optional[int], origins) -> None:
+    """``pruner.after_warmup`` with a base job that warms up for all its steps would never ask the pruner."""
+    if cfg.pruner.name == "none" or not cfg.pruner.after_warmup or cfg.cv is not None or not max_steps:
+        return
+    if any(p.key.startswith("scheduler.") for p in space.params):
+        return  # the warm-up is per trial
+    from lmforge.training.schedule import warmup_end
+
+    end = warmup_end(base_cfg.scheduler)
+    if end >= max_steps:
+        where = origins.where(("pruner",)) if origins is not None else "pruner"
+        raise ConfigError(f"{where}: pruner.after_warmup: the base job warms up for {end} of its {max_steps} "
+                          "steps (scheduler.warmup_steps), so the pruner would never judge a trial; set "
+                          "pruner.after_warmup: false or a shorter warm-up")
 
 
 def _max_steps(kind: str, base_cfg) -> Optional[int]:

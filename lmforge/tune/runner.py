@@ -81,14 +81,22 @@ def _finished(run_dir: Path) -> Optional[dict]:
     return s if s.get("stop_reason") in _DONE else None
 
 
+def judge_from(plan: Plan, cfg) -> int:
+    """The first step the pruner may judge a trial of job config ``cfg`` at (``pruner.after_warmup``)."""
+    from lmforge.training.schedule import warmup_end
+
+    return warmup_end(cfg.scheduler) if plan.cfg.pruner.after_warmup else 0
+
+
 def run_single(plan: Plan, run_dir: Path, params: dict, trial, distributed: bool, rank0: bool,
-               extra: Optional[dict] = None, step_offset: int = 0) -> dict:
-    """One run → outcome; ``extra`` overrides (a fold's data files), ``step_offset`` for reported steps."""
+               extra: Optional[dict] = None) -> dict:
+    """One run → outcome; ``extra`` overrides (a fold's data files)."""
     metric = plan.metrics[0]
     summary = _finished(run_dir)
     if summary is None:
         cfg = _trial_config(plan, run_dir, params, extra)
-        hook = PruneHook(trial if len(plan.metrics) == 1 else None, metric, distributed, rank0, step_offset)
+        hook = PruneHook(trial if len(plan.metrics) == 1 else None, metric, distributed, rank0,
+                         judge_from(plan, cfg))
         summary = _run_job(plan, cfg, hook)
     reason = summary.get("stop_reason")
     if str(reason).startswith("signal_"):  # Ctrl-C / SIGTERM: checkpointed, left RUNNING for the rerun to resume
@@ -104,15 +112,23 @@ def run_single(plan: Plan, run_dir: Path, params: dict, trial, distributed: bool
     return {"state": "complete", "values": values, "run_dir": str(run_dir)}
 
 
+def _stopped_before(plan: Plan, trial, params: dict) -> bool:
+    """A resumed trial that the pruner had already stopped at its last report."""
+    if trial is None or len(plan.metrics) != 1:
+        return False
+    last = trial.study._storage.get_trial(trial._trial_id).last_step
+    if last is None:
+        return False
+    training_steps = plan.cfg.cv is None and plan.mode != "throughput"  # cross-validation reports fold indices
+    start = judge_from(plan, plan.job().load(params)) if training_steps else 0
+    return last >= start and trial.should_prune()
+
+
 def run_trial(plan: Plan, run_dir: Path, params: dict, trial, distributed: bool, rank0: bool) -> dict:
     """The trial's outcome (rank 0's decisions are what every rank acts on)."""
     from lmforge.tune.trial import _broadcast
 
-    if rank0 and trial is not None and len(plan.metrics) == 1 and trial.should_prune():
-        pruned = True  # a resumed trial that the pruner had already stopped
-    else:
-        pruned = False
-    if _broadcast(pruned, distributed):
+    if _broadcast(rank0 and _stopped_before(plan, trial, params), distributed):
         return {"state": "pruned", "values": [], "run_dir": str(run_dir), "reason": "pruner (before resuming)"}
     if plan.mode == "throughput":
         from lmforge.tune.throughput import run_probe

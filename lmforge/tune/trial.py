@@ -167,11 +167,12 @@ def _broadcast(obj, distributed: bool):
 
 
 class PruneHook:
-    """``on_job``: report each evaluation's objective (rank 0) and stop the run once the pruner says so."""
+    """``on_job``: report each evaluation's objective (rank 0) and stop the run once the pruner says so.
+    The pruner is asked from step ``judge_from`` on (the trial's warm-up end, ``pruner.after_warmup``)."""
 
-    def __init__(self, trial, metric: str, distributed: bool, rank0: bool, step_offset: int = 0):
+    def __init__(self, trial, metric: str, distributed: bool, rank0: bool, judge_from: int = 0):
         self.trial, self.metric, self.distributed, self.rank0 = trial, metric, distributed, rank0
-        self.step_offset, self.reason = step_offset, None
+        self.judge_from, self.reason = judge_from, None
 
     def __call__(self, job) -> None:
         inner = job.on_eval
@@ -179,7 +180,7 @@ class PruneHook:
         def on_eval(step: int, metrics: dict) -> None:
             if inner is not None:
                 inner(step, metrics)
-            self.evaluated(step + self.step_offset, metrics)
+            self.evaluated(step, metrics)
 
         job.on_eval = on_eval
         job.external_stop = lambda: self.reason
@@ -188,7 +189,7 @@ class PruneHook:
         prune = False
         if self.rank0 and self.trial is not None and self.metric in metrics:
             self.trial.report(float(metrics[self.metric]), step)
-            prune = self.trial.should_prune()
+            prune = step >= self.judge_from and self.trial.should_prune()
         if self.metric in metrics and _broadcast(prune, self.distributed):
             self.reason = "pruned"
 
