@@ -6,8 +6,7 @@ Scores, for the weight W [O, I] of a block's ``nn.Linear`` (the head and embeddi
 - Wanda (Sun et al. 2023): |W_oi| · ‖X_i‖₂, X the layer's inputs over the calibration tokens; in each output row
   the ``s``·I lowest are zeroed (the paper's per-output comparison group).
 - 2:4: in every group of 4 consecutive inputs of a row the 2 lowest Wanda scores are zeroed (50% exactly).
-Calibration tokens come from the run's own validation split: the windows *after* those the perplexity is
-measured on (classifiers: the last validation examples), so the score is not fitted to the scored batches.
+Calibration tokens come from the run's own validation split (``calib.py``).
 
 Unstructured and 2:4 zeros keep the dense shapes: no kernel on this CPU skips them (torch's semi-structured
 sparse kernels are CUDA-only), so speed is unchanged and the report says so.
@@ -27,48 +26,6 @@ def prunable(model: nn.Module) -> dict[str, nn.Linear]:
     """The block linears: every ``nn.Linear`` inside ``layers`` (not the head, pooler or embeddings)."""
     return {n: m for n, m in model.named_modules()
             if type(m) is nn.Linear and ".layers." in f".{n}" and not any(s in n for s in SKIP)}
-
-
-def calibration_batches(ctx, n: int) -> list[dict]:
-    """``n`` batches from the tail of the validation split (decoders: windows; classifiers: examples)."""
-    src = ctx.src
-    if src.kind == "classifier":
-        from lmforge.finetune.data import collate
-
-        pad = src.tok.pad_id if src.tok.pad_id is not None else 0
-        tail = src.data.val[-n * 16:]
-        return [collate(tail[i:i + 16], pad) for i in range(0, len(tail), 16)]
-    from lmforge.data.loader import SequentialEvalLoader, TokenShards
-
-    shards = TokenShards(src.cfg.data.path, "val")
-    seq = ctx.batches[0]["input_ids"].shape[1]
-    every = list(SequentialEvalLoader(shards, seq, ctx.cfg.eval.batch_size))
-    return every[-n:]
-
-
-@torch.inference_mode()
-def input_norms(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict], kind: str
-                ) -> dict[str, torch.Tensor]:
-    """‖X_i‖₂ per input feature of each layer over every calibration token (forward hooks)."""
-    sq = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
-
-    def hook(name):
-        def fn(_m, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq[name] += (x * x).sum(0)
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        was = model.training
-        model.eval()
-        for b in batches:
-            model(b["input_ids"]) if kind == "lm" else model(b["input_ids"], b["attention_mask"])
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: v.sqrt().float() for n, v in sq.items()}
 
 
 def keep_mask(weight_OI: torch.Tensor, method: str, sparsity: float, norm_I=None) -> torch.Tensor:
@@ -95,13 +52,6 @@ def keep_mask(weight_OI: torch.Tensor, method: str, sparsity: float, norm_I=None
     raise ConfigError(f"prune.method={method!r} is not an unstructured method")
 
 
-def calibration_note(kind: str, n: int) -> str:
-    if kind == "lm":
-        return (f"calibration: {n} batches from the tail of the validation split (disjoint from the scored "
-                "batches when the split holds more than eval.batches + prune.calib_batches batches)")
-    return f"calibration: the last {n}×16 validation examples (accuracy is scored on all of them, these included)"
-
-
 def sparsity_report(model: nn.Module) -> dict[str, float]:
     """Share of exact zeros in each block linear's weight, and the overall share over them."""
     layers = prunable(model)
@@ -113,6 +63,8 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
 
 def prune(ctx):
     from lmforge.compress.run import Result
+
+    from lmforge.compress.calib import calibration_batches, calibration_note, input_stats
 
     pc, src = ctx.cfg.prune, ctx.src
     if pc.method == "structured":
@@ -126,7 +78,7 @@ def prune(ctx):
         raise ConfigError(f"prune: no block linear layers found in {src.path}")
     norms = {}
     if pc.method in ("wanda", "2:4"):
-        norms = input_norms(model, layers, calibration_batches(ctx, pc.calib_batches), src.kind)
+        norms = input_stats(model, layers, calibration_batches(ctx, pc.calib_batches), src.kind)
     sparsity = 0.5 if pc.method == "2:4" else pc.sparsity
     with torch.no_grad():
         for name, lin in layers.items():

@@ -95,7 +95,7 @@ def _attr(owner: nn.Module, child: nn.Module) -> str:
 
 
 def structured(ctx):
-    from lmforge.compress.prune import calibration_batches, calibration_note, input_norms
+    from lmforge.compress.calib import calibration_batches, calibration_note, input_stats
     from lmforge.compress.run import Result
 
     pc, src = ctx.cfg.prune, ctx.src
@@ -105,7 +105,7 @@ def structured(ctx):
     lm = model if src.kind == "lm" else model.backbone.model
     taps = {f"{i}.down": ffn_parts(b)[1] for i, b in enumerate(lm.layers)}
     taps.update({f"{i}.wo": b.attention.wo for i, b in enumerate(lm.layers)})
-    norms = input_norms(model, taps, calibration_batches(ctx, pc.calib_batches), src.kind)
+    norms = input_stats(model, taps, calibration_batches(ctx, pc.calib_batches), src.kind)
     n = len(lm.layers)
     step = {"method": "prune", "prune": "structured", "ffn_fraction": pc.ffn_fraction,
             "heads_fraction": pc.heads_fraction, "recover_steps": pc.recover_steps}
