@@ -5,6 +5,7 @@ parity; bad inputs; a failed compression leaves no output folder. (Serving compr
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from tests.helpers.runs import pack_tiny, tiny_cfg
 
 torch.set_num_threads(1)
 FAST = ["--eval.batches=2", "--eval.batch_size=4", "--bench.repeats=1", "--bench.new_tokens=4", "--bench.seq_len=16",
-        "--bench.batch=2", "--train.batch_size=2", "--train.precision=fp32", "--prune.calib_batches=2"]
+        "--bench.batch=2", "--train.batch_size=2", "--train.precision=fp32", "--prune.calib_batches=2",
+        "--quantize.calib_batches=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,10 @@ def test_quantize_loads_as_a_run(run, tmp_path, scheme):
     model, *_ = load_run(tmp_path / "q")  # no flag: compression.json is applied by the loader
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 2 * 7 and all(m.qweight.dtype == torch.int8 for m in layers)
+    dynamic = scheme == "int8_dynamic"  # SmoothQuant by default, folded into w3 (SwiGLU): no run-time scales
+    assert rep["step"]["smooth_alpha"] == (0.5 if dynamic else 0.0) and rep["step"]["smooth_runtime"] == []
+    assert rep["step"]["smooth_folded"] == (["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"] if dynamic else [])
+    assert all(m.smooth is None for m in layers)
     assert type(model.output) is torch.nn.Linear  # the tied head stays float
     for name in ("report.json", "report.md", "report.html"):
         assert (tmp_path / "q" / name).is_file()
@@ -99,6 +105,63 @@ def test_quantize_kernels_compute_the_stored_weights():
         ql.prepare(kernel)
         assert (ql(x) - ref).abs().max() < tol, kernel
         assert choose_kernel(owner, kernel)[0] == kernel
+
+
+def test_smoothquant_scales_tame_outlier_input_channels():
+    """A few input channels 50× larger than the rest (the SwiGLU output of a trained decoder looks like this):
+    with one activation range per call (fbgemm) int8 keeps little of the other channels; SmoothQuant's scales
+    move the outliers into the weights, the layer still computes x·Wᵀ, and its buffers reload exactly."""
+    from lmforge.compress.qlinear import QuantizedLinear, swap_in
+    from lmforge.compress.smooth import inverse_scale
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(256, 64, generator=g)
+    x[:, :4] *= 50.0
+    ref = lin(x).detach()
+    err = {}
+    for smooth in (None, {"0": inverse_scale(lin.weight, x.abs().amax(0), 0.5)}):
+        owner = torch.nn.Sequential(copy.deepcopy(lin))
+        if smooth:
+            owner[0].weight.data.div_(smooth["0"][None, :])  # the weight carries s (smooth.smooth_ffn does this)
+        swap_in(owner, ["0"], "int8_dynamic", fill=True, smooth=smooth)
+        ql: QuantizedLinear = owner[0]
+        torch.testing.assert_close(ql.weight, lin.weight.detach(), atol=0.02, rtol=0.0)  # W, scales folded back
+        ql.prepare("fbgemm")
+        err[smooth is not None] = float((ql(x) - ref).norm() / ref.norm())
+    assert err[True] < 0.5 * err[False], err
+    again = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    swap_in(again, ["0"], "int8_dynamic", fill=False, smooth={"0": None})  # how a checkpoint's layers are rebuilt
+    again.load_state_dict(owner.state_dict())
+    again[0].prepare("fbgemm")
+    torch.testing.assert_close(again[0](x), owner[0](x), atol=0.0, rtol=0.0)
+
+
+def test_smoothing_keeps_the_function_folded_or_at_run_time(monkeypatch):
+    """Folding 1/s into w3's rows (SwiGLU) and the run-time form (``SmoothedLinear``) both leave the model's
+    logits unchanged in float, while w2's weights now carry s."""
+    from types import SimpleNamespace
+
+    from lmforge.compress import calib
+    from lmforge.compress.qlinear import targets
+    from lmforge.compress.smooth import SmoothedLinear, smooth_ffn
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+
+    lm = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16), seed=0)
+    x = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(calib, "calibration_batches", lambda _ctx, n: [{"input_ids": x}])
+    ctx = SimpleNamespace(src=SimpleNamespace(kind="lm"), cfg=SimpleNamespace(quantize=SimpleNamespace(calib_batches=1)))
+    with torch.no_grad():
+        ref, w2 = lm(x), lm.layers[0].feed_forward.w2.weight.clone()
+        folded, runtime = smooth_ffn(ctx, lm, lm, targets(lm, ["output"]), 0.5)
+        torch.testing.assert_close(lm(x), ref, rtol=1e-4, atol=1e-5)
+        assert len(folded) == 2 and runtime == {} and not torch.equal(lm.layers[0].feed_forward.w2.weight, w2)
+        ff = lm.layers[1].feed_forward
+        wrapped = SmoothedLinear(ff.w2, torch.rand(ff.w2.in_features) + 0.5)
+        ff.w2.weight.div_(wrapped.m[None, :])
+        ff.w2 = wrapped
+        torch.testing.assert_close(lm(x), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_an_inaccurate_kernel_is_never_chosen(monkeypatch):
@@ -260,6 +323,7 @@ def test_export_parity_and_decode(run, tmp_path, fmt):
 def test_export_onnx_int8(run, tmp_path):
     rep = _compress("export", run, tmp_path / "e8", "--export.quantize=int8_dynamic")
     assert (tmp_path / "e8" / "export" / "decode.int8_dynamic.onnx").is_file()
+    assert rep["step"]["smooth_alpha"] == 0.5 and not (tmp_path / "e8" / "export" / "smoothed").exists()
     assert rep["columns"]["export"]["val_ppl"] == pytest.approx(rep["columns"]["source"]["val_ppl"], rel=0.05)
 
 
@@ -271,6 +335,8 @@ def test_export_onnx_int8(run, tmp_path):
     (["distill", "--distill.layers=[1, 0]"], "distill.layers"),
     (["export", "--export.format=pt2", "--export.quantize=int8_dynamic"], "export.quantize"),
     (["quantize", "--quantize.schem=int8_dynamic"], "quantize.scheme"),
+    (["quantize", "--quantize.smooth_alpha=1.5"], "quantize.smooth_alpha"),
+    (["quantize", "--quantize.scheme=int8_weight", "--quantize.smooth_alpha=0.5"], "quantize.smooth_alpha"),
 ])
 def test_bad_input_names_the_key(run, tmp_path, capsys, args, key):
     assert main(["compress", args[0], str(run), "--out", str(tmp_path / "o"), *args[1:], *FAST]) == 2

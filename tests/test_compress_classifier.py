@@ -15,7 +15,7 @@ from lmforge.compress.run import compress
 torch.set_num_threads(1)
 WORDS = ["the", "movie", "plot", "actor", "scene", "story", "film", "music", "ending", "cast"]
 FAST = ["--bench.repeats=1", "--bench.batch=4", "--train.batch_size=8", "--train.precision=fp32",
-        "--prune.calib_batches=1"]
+        "--prune.calib_batches=1", "--quantize.calib_batches=1"]
 
 
 def _sentence(rng, label):
@@ -69,6 +69,8 @@ def test_quantize_classifier_evaluates(ft_run, tmp_path, capsys):
     src, out = rep["columns"]["source"], rep["columns"]["quantize"]
     assert 0 <= out["val_accuracy"] <= 1 and abs(out["val_accuracy"] - src["val_accuracy"]) <= 0.05
     assert out["batch1_examples_per_s"] > 0 and out["throughput_examples_per_s"] > 0
+    assert rep["step"]["smooth_alpha"] == 0.5 and rep["step"]["smooth_folded"] == []  # BERT's GELU FFN:
+    assert len(rep["step"]["smooth_runtime"]) == 4  # run-time scales, rebuilt by the loader `evaluate` uses
     _evaluate(tmp_path / "q", ft_run, capsys)
 
 

@@ -22,8 +22,9 @@ Scheme = Literal["int8_weight", "int8_dynamic", "int4_weight"]
 
 class QuantizeConfig(Section):
     scheme: Scheme = Field("int8_dynamic", description="int8_weight: int8 weights, float activations; int8_dynamic: "
-                           "int8 weights and activations quantized per token at run time; int4_weight: 4-bit grouped "
-                           "weights (only where a kernel exists: see docs/compression.md)")
+                           "int8 weights and activations quantized at run time (per call with fbgemm, per token with "
+                           "torchao); int4_weight: 4-bit grouped weights (only where a kernel exists: see "
+                           "docs/compression.md)")
     kernel: Literal["auto", "torchao", "fbgemm", "dequantized"] = Field(
         "auto", description="the kernel that runs the int8 weights at load time; auto: the faster on this machine by "
         "a short probe (recorded in compression.json). torchao: torchao's Int8Tensor; fbgemm: torch's quantized "
@@ -33,6 +34,29 @@ class QuantizeConfig(Section):
                            "this many steps before quantizing")
     skip: list[str] = Field(default_factory=lambda: ["output", "head", "pooler"],
                             description="module-name substrings left in float (the head tied to the embeddings)")
+    smooth_alpha: Optional[float] = Field(
+        None, description="int8_dynamic: SmoothQuant migration strength α in [0, 1] on the FFN down projections "
+        "(per input channel s = max|x|^α / max|w|^(1-α) from calibration activations moves the activations' "
+        "outliers into the weights; compress/smooth.py); 0: off; None: 0.5 for int8_dynamic without QAT, off "
+        "otherwise")
+    calib_batches: int = Field(8, ge=1, description="SmoothQuant: validation batches whose activation maxima set "
+                               "the scales")
+
+    @model_validator(mode="after")
+    def _smooth(self) -> "QuantizeConfig":
+        a = self.smooth_alpha
+        if a is not None and not 0.0 <= a <= 1.0:
+            raise ValueError(f"quantize.smooth_alpha={a} must be in [0, 1]")
+        if a and self.scheme != "int8_dynamic":
+            raise ValueError(f"quantize.smooth_alpha={a}: SmoothQuant scales balance int8 activations, so it "
+                             f"needs quantize.scheme=int8_dynamic (not {self.scheme})")
+        return self
+
+    def alpha(self) -> float:
+        """The SmoothQuant α this run uses (``smooth_alpha``, its None resolved)."""
+        if self.smooth_alpha is not None:
+            return self.smooth_alpha
+        return 0.5 if self.scheme == "int8_dynamic" and not self.qat_steps else 0.0
 
 
 class PruneConfig(Section):

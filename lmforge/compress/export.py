@@ -103,9 +103,9 @@ def export_classifier(model, folder: Path, ec, batch: dict) -> dict:
     return {"files": {"classifier": path}, "parity": {"classifier": _max_diff(ref, runner(ids, mask))}}
 
 
-def ort_quantize(path: Path, scheme: str) -> Path:
-    """ONNX Runtime's quantizer on an exported graph (module doc) → ``<name>.<scheme>.onnx``."""
-    out = path.with_name(f"{path.stem}.{scheme}.onnx")
+def ort_quantize(path: Path, scheme: str, out_dir: Path) -> Path:
+    """ONNX Runtime's quantizer on an exported graph (module doc) → ``out_dir/<name>.<scheme>.onnx``."""
+    out = out_dir / f"{path.stem}.{scheme}.onnx"
     if scheme == "int8_dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -130,23 +130,13 @@ def export(ctx):
     folder = ctx.stage.tmp / "export"
     folder.mkdir()
     sample = sample_inputs(src, ctx.batches)
-    if src.kind == "lm":
-        got = export_lm(model, folder, ec, sample["input_ids"] if ctx.batches else _tokens(src))
-    else:
-        got = export_classifier(model, folder, ec, sample)
-    bad = {k: v for k, v in got["parity"].items() if v > ec.parity_atol}
-    if bad:
-        raise CheckpointError(f"export parity: max |logit difference| {bad} exceeds export.parity_atol="
-                              f"{ec.parity_atol:g}; nothing was published")
+    got = _export_graphs(model, folder, ctx, sample)
     files = got["files"]
     step = {"method": "export", "format": ec.format, "files": {k: f"export/{p.name}" for k, p in files.items()},
             "parity_max_abs": got["parity"], "opset": ec.opset if ec.format == "onnx" else None}
     notes = [f"parity vs eager fp32 (max |logit difference|): {got['parity']} ≤ {ec.parity_atol:g}"]
     if ec.quantize != "none":
-        files = {k: ort_quantize(p, ec.quantize) for k, p in files.items()}
-        step.update(quantize=ec.quantize, quantized_files={k: f"export/{p.name}" for k, p in files.items()})
-        kernel = "MatMulInteger" if ec.quantize == "int8_dynamic" else "MatMulNBits, 4-bit, block 32"
-        notes.append(f"ONNX Runtime quantizer: {ec.quantize} ({kernel})")
+        files = _quantized_graphs(ctx, model, folder, files, sample, step, notes)
     main = files.get("decode") or files.get("classifier") or files["forward"]
     runner = _runner(main, src, ec, ctx.cfg.bench.threads, files.get("forward"))
     if ec.quantize != "none":
@@ -155,6 +145,44 @@ def export(ctx):
     step["runner"] = f"{engine}: {main.name}"
     notes.append(f"speed and quality of the result: {step['runner']}")
     return Result(model, step, notes, runner=runner, files_folder=main, quality_runner=True)
+
+
+def _export_graphs(model, folder: Path, ctx, sample) -> dict:
+    """The graphs of ``model`` in ``folder``, parity-checked (nothing is published past a failed check)."""
+    ec, src = ctx.cfg.export, ctx.src
+    if src.kind == "lm":
+        got = export_lm(model, folder, ec, sample["input_ids"] if ctx.batches else _tokens(src))
+    else:
+        got = export_classifier(model, folder, ec, sample)
+    bad = {k: v for k, v in got["parity"].items() if v > ec.parity_atol}
+    if bad:
+        raise CheckpointError(f"export parity: max |logit difference| {bad} exceeds export.parity_atol="
+                              f"{ec.parity_atol:g}; nothing was published")
+    return got
+
+
+def _quantized_graphs(ctx, model, folder: Path, files: dict, sample, step: dict, notes: list) -> dict:
+    """ONNX Runtime's quantizer on the graphs; for int8_dynamic on those of the SmoothQuant-scaled model
+    (``quantize.smooth_alpha``, default 0.5 here: ``compress/quantize.py``), exported and checked the same way."""
+    import shutil
+
+    ec, qc = ctx.cfg.export, ctx.cfg.quantize
+    alpha = (0.5 if qc.smooth_alpha is None else qc.smooth_alpha) if ec.quantize == "int8_dynamic" else 0.0
+    if alpha:
+        from lmforge.compress.calib import calibration_note
+        from lmforge.compress.smooth import smoothed_copy
+
+        (folder / "smoothed").mkdir()
+        files = _export_graphs(smoothed_copy(ctx, model, alpha), folder / "smoothed", ctx, sample)["files"]
+        notes.append(f"SmoothQuant (alpha {alpha:g}) on the FFN down projections of the graphs that were quantized; "
+                     + calibration_note(ctx.src.kind, qc.calib_batches))
+    out = {k: ort_quantize(p, ec.quantize, folder) for k, p in files.items()}
+    shutil.rmtree(folder / "smoothed", ignore_errors=True)
+    step.update(quantize=ec.quantize, quantized_files={k: f"export/{p.name}" for k, p in out.items()},
+                smooth_alpha=alpha)
+    kernel = "MatMulInteger" if ec.quantize == "int8_dynamic" else "MatMulNBits, 4-bit, block 32"
+    notes.append(f"ONNX Runtime quantizer: {ec.quantize} ({kernel})")
+    return out
 
 
 def _check_input(ec, src) -> None:

@@ -3,11 +3,14 @@
 Stored (what a quantized run's checkpoint holds for each quantized ``nn.Linear`` ``name``):
 ``name.qweight`` int8 [out, in] and ``name.scale`` float32 [out], with W ≈ qweight · scale[:, None]
 (symmetric per output row, computed by torchao's ``Int8WeightOnlyConfig``), plus ``name.bias`` when the layer
-has one. Nothing in the format depends on the kernel, so one folder runs on any device.
+has one, and ``name.smooth`` float32 [in] when it was quantized with SmoothQuant scales (the layer then
+computes (x · smooth) (qweight · scale)ᵀ: the stored weight is W·diag(1/smooth), so outlier input channels no
+longer set the activations' quantization range). Nothing in the format depends on the kernel, so one folder
+runs on any device.
 
 Kernels (``QuantizedLinear.prepare(kernel)``; y = x Wᵀ + b):
 - ``fbgemm`` (int8_dynamic): torch's ``quantized::linear_dynamic`` over the prepacked weight (x86 / fbgemm
-  engine: int8 GEMM with VNNI); activations quantized per tensor at run time.
+  engine: int8 GEMM with VNNI); activations quantized per tensor (one scale per call) at run time.
 - ``torchao`` (int8_dynamic: per-token activations + ``torch._int_mm``; int8_weight: the float activation times
   the int8 weight cast per call): torchao's ``Int8Tensor`` rebuilt from the stored values, exactly.
 - ``dequantized``: the float weight qweight · scale, built once (no speed-up; the file stays 4× smaller).
@@ -52,16 +55,23 @@ def quiet_torchao():
 class QuantizedLinear(nn.Module):
     """A stored int8 ``nn.Linear`` (module doc). ``weight`` reads back the dequantized float weight."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, device=None,
+                 smooth: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.kernel, self._run = "dequantized", None
 
     @property
     def weight(self) -> torch.Tensor:
+        """The float weight the layer computes with (the smoothing folded back in)."""
+        w = self.stored_weight()
+        return w if self.smooth is None else w * self.smooth[None, :]
+
+    def stored_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
     def extra_repr(self) -> str:
@@ -85,7 +95,7 @@ class QuantizedLinear(nn.Module):
             lin = _torchao_linear(self.qweight, self.scale, bias, self.scheme)
             self._run = lambda x_NI: lin(x_NI)  # a closure, not a submodule: its Int8Tensor stays out of state_dict
         else:
-            w_OI = self.weight
+            w_OI = self.stored_weight()
             self._run = lambda x_NI: F.linear(x_NI, w_OI, bias)
         self.kernel = kernel
 
@@ -93,7 +103,8 @@ class QuantizedLinear(nn.Module):
         if self._run is None:
             self.prepare("dequantized")
         shape = x.shape
-        y = self._run(x.reshape(-1, shape[-1]).float())
+        x_NI = x.reshape(-1, shape[-1]).float()
+        y = self._run(x_NI if self.smooth is None else x_NI * self.smooth)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -103,7 +114,7 @@ def _torchao_linear(qweight: torch.Tensor, scale: torch.Tensor, bias, scheme: st
     config = q.Int8DynamicActivationInt8WeightConfig() if scheme == "int8_dynamic" else q.Int8WeightOnlyConfig()
     lin = nn.Linear(qweight.shape[1], qweight.shape[0], bias=bias is not None)
     with torch.no_grad():
-        lin.weight.copy_(qweight.float() * scale[:, None])
+        lin.weight.copy_(qweight.float() * scale[:, None])  # the stored weight; QuantizedLinear applies smooth
         if bias is not None:
             lin.bias.copy_(bias)
     q.quantize_(lin, config)
@@ -134,19 +145,24 @@ def targets(model: nn.Module, skip: list[str]) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)]
 
 
-def swap_in(model: nn.Module, names: list[str], scheme: str, fill: bool) -> None:
+def swap_in(model: nn.Module, names: list[str], scheme: str, fill: bool, smooth: Optional[dict] = None) -> None:
     """Replace each named ``nn.Linear`` by a ``QuantizedLinear``; ``fill``: quantize its weights (else the
-    buffers stay empty for a checkpoint to fill)."""
+    buffers stay empty for a checkpoint to fill). ``smooth``: the layers that multiply their input at run time
+    (``smooth.py``; their weights already carry s), name → 1/s (``fill``; None where a checkpoint fills it)."""
+    smooth = smooth or {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         lin = getattr(owner, leaf)
         dev = lin.weight.device if lin.weight.device.type != "meta" else "cpu"
-        ql = QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, device=dev)
+        ql = QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, device=dev,
+                             smooth=name in smooth)
         if fill:
             qweight, scale = quantize_weight(lin.weight)
             ql.qweight.copy_(qweight)
             ql.scale.copy_(scale)
+            if name in smooth:
+                ql.smooth.copy_(smooth[name])
             if lin.bias is not None:
                 ql.bias.data.copy_(lin.bias.detach())
         setattr(owner, leaf, ql)
@@ -170,9 +186,12 @@ MAX_KERNEL_ERROR = 0.05  # relative rms error against the stored weights' float 
 
 def _probe_layer(layer: QuantizedLinear, kernel: str) -> Optional[QuantizedLinear]:
     """A bias-free copy of ``layer`` running ``kernel``, or None where this machine lacks its engine."""
-    probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme)
+    probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme,
+                                  smooth=layer.smooth is not None)
     probe_layer.qweight.copy_(layer.qweight)
     probe_layer.scale.copy_(layer.scale)
+    if layer.smooth is not None:
+        probe_layer.smooth.copy_(layer.smooth)
     try:
         probe_layer.prepare(kernel)
     except (RuntimeError, NotImplementedError):

@@ -4,10 +4,13 @@ quantization-aware fine-tune (``quantize.qat_steps``, ``compress/qat.py``).
 Every ``nn.Linear`` of the blocks (not the head tied to the embeddings, nor the classifier head: see
 ``quantize.skip``) becomes a ``QuantizedLinear`` whose int8 values torchao's quantizer computed; the kernel
 that runs them is chosen per machine (``qlinear.choose_kernel``) and named in the report.
+
+int8_dynamic first applies SmoothQuant scales to the FFN down projections (``smooth.py``).
 """
 
 from __future__ import annotations
 
+from lmforge.compress.smooth import smooth_ffn
 from lmforge.compress.qlinear import (check_scheme, choose_kernel, kernel_names, machine_key, prepare_all, swap_in,
                                       targets)
 from lmforge.errors import ConfigError
@@ -36,15 +39,25 @@ def quantize(ctx):
     names = targets(lm, qc.skip)
     if not names:
         raise ConfigError(f"quantize.skip={qc.skip} leaves no nn.Linear to quantize in {src.path}")
-    swap_in(lm, names, qc.scheme, fill=True)
+    alpha = qc.alpha()
+    folded, runtime = smooth_ffn(ctx, model, lm, names, alpha) if alpha else ([], {})
+    swap_in(lm, names, qc.scheme, fill=True, smooth=runtime)
     kernel, probe = choose_kernel(lm, qc.kernel)
     prepare_all(lm, kernel)
     step = {"method": "quantize", "scheme": qc.scheme, "quantizer": "torchao Int8WeightOnlyConfig (symmetric int8 "
             "per output row)", "kernel_requested": qc.kernel, "kernel": kernel, "kernel_name": kernel_names()[kernel],
-            "probe_us": probe, "machine": machine_key(), "qat_steps": qc.qat_steps, "modules": names}
+            "probe_us": probe, "machine": machine_key(), "qat_steps": qc.qat_steps, "modules": names,
+            "smooth_alpha": alpha, "smooth_folded": folded, "smooth_runtime": sorted(runtime),
+            "calib_batches": qc.calib_batches if alpha else 0}
     if probe:
         notes.append("kernel probe (µs per call on the largest layer, @rows; :err relative rms error): "
                      + ", ".join(f"{k} {v:g}" for k, v in probe.items()) + f" → {kernel}")
+    if alpha:
+        from lmforge.compress.calib import calibration_note
+
+        notes.append(f"SmoothQuant (alpha {alpha:g}) on the FFN down projections: {len(folded)} folded into the "
+                     f"up projection, {len(runtime)} applied at run time; " + calibration_note(src.kind, qc.calib_batches))
     notes.append(f"{len(names)} linear layers quantized ({qc.scheme}); kept in float: embeddings, norms, "
                  f"and modules matching {qc.skip}")
     return Result(model, step, notes)
+

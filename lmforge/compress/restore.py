@@ -36,7 +36,7 @@ def before_weights(model: nn.Module, steps: list[dict]) -> None:
 
     for step in steps:
         if step.get("method") == "quantize":
-            swap_in(model, step["modules"], step["scheme"], fill=False)
+            swap_in(model, step["modules"], step["scheme"], fill=False, smooth=dict.fromkeys(step.get("smooth_runtime", [])))
 
 
 def after_weights(model: nn.Module, steps: list[dict]) -> None:
