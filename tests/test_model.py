@@ -7,7 +7,6 @@ import torch
 
 from lmforge.config import ConfigError, ModelConfig, build_config
 from lmforge.models import build_model
-from lmforge.models.presets import PRESETS
 
 torch.set_num_threads(1)
 
