@@ -71,6 +71,11 @@ def test_quantize_classifier_evaluates(ft_run, tmp_path, capsys):
     assert out["batch1_examples_per_s"] > 0 and out["throughput_examples_per_s"] > 0
     assert rep["step"]["smooth_alpha"] == 0.5 and rep["step"]["smooth_folded"] == []  # BERT's GELU FFN:
     assert len(rep["step"]["smooth_runtime"]) == 4  # run-time scales, rebuilt by the loader `evaluate` uses
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "best" / "adapter.safetensors"), "pt") as f:
+        head = list(f.keys())
+    assert head and not any(k.startswith("backbone.") for k in head)  # the backbone lives in base/ only
     _evaluate(tmp_path / "q", ft_run, capsys)
 
 

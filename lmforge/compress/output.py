@@ -107,11 +107,11 @@ def write_lm_run(folder: Path, model: nn.Module, tok, cfg, final: Path, steps: l
 
 def write_classifier_run(folder: Path, task_model: nn.Module, src, final: Path, steps: list[dict]) -> None:
     """A fine-tuning run folder: ``base/`` (the backbone as an lmforge run, quantized layers and all),
-    ``finetune.yaml`` (method full over ``final/base``), ``best/`` (every float tensor of the task model),
-    ``compression.json``."""
+    ``finetune.yaml`` (method full over ``final/base``), ``best/`` (the task head's tensors; the backbone's
+    are all in ``base/``, which ``backbone_in_base`` tells the loader), ``compression.json``."""
     from lmforge.config import Config, DataConfig
     from lmforge.finetune.config import save_finetune_config
-    from lmforge.finetune.methods import Applied, save_adapter
+    from lmforge.finetune.methods import Applied, adapter_tensors, save_adapter
 
     lm = task_model.backbone.model
     base = folder / "base"
@@ -126,8 +126,9 @@ def write_classifier_run(folder: Path, task_model: nn.Module, src, final: Path, 
     applied = Applied(task_model, cfg.method)
     for p in task_model.parameters():
         p.requires_grad_(True)
+    head = {k: v for k, v in adapter_tensors(applied).items() if not k.startswith("backbone.")}
     save_adapter(applied, folder / "best", {"task": cfg.task, "labels": src.meta["labels"], "base": str(final / "base"),
-                                            "compressed": True})
+                                            "compressed": True, "backbone_in_base": True}, tensors=head)
     for p in task_model.parameters():
         p.requires_grad_(False)
     write_compression(folder, steps)

@@ -212,6 +212,8 @@ def load_adapter(applied: Applied, folder: str | Path) -> dict:
     sd = load_file(str(folder / "adapter.safetensors"))
     own = applied.model.state_dict()
     missing = sorted(set(applied.trainable_names()) - set(sd))
+    if meta.get("backbone_in_base"):  # a compressed classifier: its base run already holds every backbone tensor
+        missing = [k for k in missing if not k.startswith("backbone.")]
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
         raise ConfigError(f"{folder}/adapter.safetensors does not fit this model (missing: {missing[:4]}, "
