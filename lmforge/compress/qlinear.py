@@ -185,13 +185,11 @@ MAX_KERNEL_ERROR = 0.05  # relative rms error against the stored weights' float 
 
 
 def _probe_layer(layer: QuantizedLinear, kernel: str) -> Optional[QuantizedLinear]:
-    """A bias-free copy of ``layer`` running ``kernel``, or None where this machine lacks its engine."""
-    probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme,
-                                  smooth=layer.smooth is not None)
+    """A bias-free copy of ``layer``'s stored weights (no ``smooth``: the kernel is what is checked) running
+    ``kernel``, or None where this machine lacks its engine."""
+    probe_layer = QuantizedLinear(layer.in_features, layer.out_features, False, layer.scheme)
     probe_layer.qweight.copy_(layer.qweight)
     probe_layer.scale.copy_(layer.scale)
-    if layer.smooth is not None:
-        probe_layer.smooth.copy_(layer.smooth)
     try:
         probe_layer.prepare(kernel)
     except (RuntimeError, NotImplementedError):
@@ -208,7 +206,7 @@ def kernel_error(layer: QuantizedLinear, kernel: str, rows: int = 32) -> Optiona
     if probe_layer is None:
         return None
     x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
-    ref = F.linear(x, layer.weight)
+    ref = F.linear(x, layer.stored_weight())
     return float((probe_layer(x) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
 
 
@@ -216,7 +214,7 @@ def probe(layer: QuantizedLinear, rows: int = 32) -> dict:
     """Seconds per call of each kernel of the layer's scheme at 1 and ``rows`` rows (fp32 F.linear as the
     reference) and each kernel's ``kernel_error`` (``KERNEL:err``), on this machine now."""
     out = {}
-    w_OI = layer.weight
+    w_OI = layer.stored_weight()
     for rows_n in (1, rows):
         x = torch.randn(rows_n, layer.in_features)
         out[f"fp32@{rows_n}"] = _time(lambda v: F.linear(v, w_OI), x)

@@ -29,7 +29,8 @@ def ffn_parts(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
         return [ff.w1, ff.w3], ff.w2
     if hasattr(ff, "fc"):
         return [ff.fc], ff.proj
-    raise ConfigError(f"prune.method=structured: unknown FFN module {type(ff).__name__}")
+    raise ConfigError(f"unknown FFN module {type(ff).__name__}: structured pruning and SmoothQuant know Llama's "
+                      "(w1, w2, w3) and GPT-2 / BERT's (fc, proj)")
 
 
 def _shrunk(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
