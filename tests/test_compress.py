@@ -64,11 +64,31 @@ def test_quantize_loads_as_a_run(run, tmp_path, scheme):
     assert rep["step"]["smooth_alpha"] == (0.5 if dynamic else 0.0) and rep["step"]["smooth_runtime"] == []
     assert rep["step"]["smooth_folded"] == (["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"] if dynamic else [])
     assert all(m.smooth is None for m in layers)
+    assert rep["step"]["embeddings"] == []  # the token table is tied to the float head: it stays float
     assert type(model.output) is torch.nn.Linear  # the tied head stays float
     for name in ("report.json", "report.md", "report.html"):
         assert (tmp_path / "q" / name).is_file()
     assert main(["generate", "--run", str(tmp_path / "q"), "--prompt", "the king", "--max-new-tokens", "3"]) == 0
     assert main(["hf", "export", str(tmp_path / "q"), str(tmp_path / "hf")]) == 0  # written dequantized
+
+
+def test_quantize_gpt2_scales_at_run_time_and_keeps_int8_positions(tmp_path):
+    """GPT-2's GELU FFN cannot take the SmoothQuant fold: its down projections keep run-time scales; its
+    untied position table becomes int8 rows; the folder generates and exports to HF like any run."""
+    from lmforge.compress.qembed import QuantizedEmbedding
+    from lmforge.training.trainer import train
+
+    data = pack_tiny(tmp_path / "data")
+    train(tiny_cfg(tmp_path / "run", data, model={"arch": "gpt2"}, training={"max_steps": 4, "eval_every": 0}))
+    rep = _compress("quantize", tmp_path / "run", tmp_path / "q")
+    step = rep["step"]
+    assert step["embeddings"] == ["pos_embeddings"] and step["smooth_folded"] == []
+    assert step["smooth_runtime"] == ["layers.0.feed_forward.proj", "layers.1.feed_forward.proj"]
+    assert abs(rep["columns"]["quantize"]["val_ppl"] / rep["columns"]["source"]["val_ppl"] - 1) < 0.02
+    model, *_ = load_run(tmp_path / "q")
+    assert isinstance(model.pos_embeddings, QuantizedEmbedding) and model.layers[0].feed_forward.proj.smooth is not None
+    assert main(["generate", "--run", str(tmp_path / "q"), "--prompt", "the king", "--max-new-tokens", "3"]) == 0
+    assert main(["hf", "export", str(tmp_path / "q"), str(tmp_path / "hf")]) == 0  # dequantized, positions too
 
 
 def test_hf_folder_source(run, tmp_path):
@@ -162,6 +182,35 @@ def test_smoothing_keeps_the_function_folded_or_at_run_time(monkeypatch):
         ff.w2.weight.div_(wrapped.m[None, :])
         ff.w2 = wrapped
         torch.testing.assert_close(lm(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_embedding_tables():
+    """Untied tables become int8 rows (a lookup within int8 error of the float one; the state reloads exactly
+    and dequantizes back); a table tied to a head is left alone; BERT's tied MLM head is dropped with it."""
+    from lmforge.compress.qembed import (QuantizedEmbedding, dequantized_embeddings, embedding_targets,
+                                         swap_in_embeddings)
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+
+    tied = build_model(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8), seed=0)
+    assert embedding_targets(tied) == []
+    bert = build_model(ModelConfig(arch="bert", vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
+                       seed=0)
+    assert embedding_targets(bert) == ["pos_embeddings", "type_embeddings"]  # tok_embeddings: the MLM head's
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ref = bert.tok_embeddings(ids).detach()
+    swap_in_embeddings(bert, ["tok_embeddings", "pos_embeddings"], fill=True)
+    assert bert.mlm_head is None and isinstance(bert.tok_embeddings, QuantizedEmbedding)
+    assert bert.tok_embeddings.qweight.dtype == torch.int8
+    torch.testing.assert_close(bert.tok_embeddings(ids), ref, atol=float(ref.abs().max()) / 100, rtol=0.0)
+    again = build_model(ModelConfig(arch="bert", vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
+                        seed=1)
+    swap_in_embeddings(again, ["tok_embeddings", "pos_embeddings"], fill=False)  # as the loader rebuilds them
+    again.load_state_dict(bert.state_dict())
+    assert torch.equal(again.tok_embeddings(ids), bert.tok_embeddings(ids))
+    dequantized_embeddings(again)
+    assert type(again.tok_embeddings) is torch.nn.Embedding
+    assert torch.equal(again.tok_embeddings(ids), bert.tok_embeddings(ids))
 
 
 def test_an_inaccurate_kernel_is_never_chosen(monkeypatch):

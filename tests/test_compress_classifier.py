@@ -76,6 +76,18 @@ def test_quantize_classifier_evaluates(ft_run, tmp_path, capsys):
     with safe_open(str(tmp_path / "q" / "best" / "adapter.safetensors"), "pt") as f:
         head = list(f.keys())
     assert head and not any(k.startswith("backbone.") for k in head)  # the backbone lives in base/ only
+    assert rep["step"]["embeddings"] == ["tok_embeddings", "pos_embeddings", "type_embeddings"]
+    from lmforge.compress.qembed import QuantizedEmbedding
+    from lmforge.inference import load_run
+
+    base = load_run(tmp_path / "q" / "base")[0]
+    assert isinstance(base.tok_embeddings, QuantizedEmbedding) and base.mlm_head is None
+    floats = _compress("quantize", ft_run, tmp_path / "q_float_tables", "--quantize.embeddings=false",
+                       "--bench.enabled=false")
+    c = base.cfg
+    table_bytes = 4 * (c.vocab_size + c.max_seq_len + c.type_vocab_size) * c.d_model  # the three tables in fp32
+    assert floats["step"]["embeddings"] == []
+    assert floats["columns"]["quantize"]["file_bytes"] - out["file_bytes"] > 0.7 * table_bytes  # int8: 1/4 left
     _evaluate(tmp_path / "q", ft_run, capsys)
 
 

@@ -41,6 +41,8 @@ class QuantizeConfig(Section):
         "otherwise")
     calib_batches: int = Field(8, ge=1, description="SmoothQuant: validation batches whose activation maxima set "
                                "the scales")
+    embeddings: bool = Field(True, description="also store embedding tables as int8 rows (those no head shares: a "
+                             "tied output head keeps its table in float)")
 
     @model_validator(mode="after")
     def _smooth(self) -> "QuantizeConfig":

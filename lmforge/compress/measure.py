@@ -41,25 +41,29 @@ def weights_bytes(folder: Path) -> int:
 
 def stored_params(model: nn.Module) -> int:
     """Parameters and quantized-weight elements, each tied tensor once (quantization scales not counted)."""
-    from lmforge.compress.qlinear import QuantizedLinear
-
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
-    return n + sum(m.qweight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    return n + sum(m.qweight.numel() for m in _int8(model))
 
 
 def nonzero_params(model: nn.Module) -> int:
-    from lmforge.compress.qlinear import QuantizedLinear
-
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += int((p != 0).sum())
-    return n + sum(int((m.qweight != 0).sum()) for m in model.modules() if isinstance(m, QuantizedLinear))
+    return n + sum(int((m.qweight != 0).sum()) for m in _int8(model))
+
+
+def _int8(model: nn.Module) -> list[nn.Module]:
+    """The int8 layers and tables (their ``qweight`` elements count like the floats they replace)."""
+    from lmforge.compress.qembed import QuantizedEmbedding
+    from lmforge.compress.qlinear import QuantizedLinear
+
+    return [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
 
 
 class Threads:

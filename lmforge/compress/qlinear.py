@@ -256,8 +256,12 @@ def prepare_all(model: nn.Module, kernel: str) -> None:
 
 
 def dequantized(model: nn.Module) -> nn.Module:
-    """The model with every ``QuantizedLinear`` replaced by a float ``nn.Linear`` of its dequantized weight
-    (in place; a model without any is returned as is): for formats with no int8 form, e.g. the HF export."""
+    """The model with every ``QuantizedLinear`` replaced by a float ``nn.Linear`` of its dequantized weight and
+    every int8 embedding table by a float one (in place; a model without any is returned as is): for formats
+    with no int8 form, e.g. the HF export."""
+    from lmforge.compress.qembed import dequantized_embeddings
+
+    dequantized_embeddings(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantizedLinear):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)

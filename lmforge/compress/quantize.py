@@ -10,6 +10,7 @@ int8_dynamic first applies SmoothQuant scales to the FFN down projections (``smo
 
 from __future__ import annotations
 
+from lmforge.compress.qembed import embedding_targets, swap_in_embeddings
 from lmforge.compress.smooth import smooth_ffn
 from lmforge.compress.qlinear import (check_scheme, choose_kernel, kernel_names, machine_key, prepare_all, swap_in,
                                       targets)
@@ -42,12 +43,14 @@ def quantize(ctx):
     alpha = qc.alpha()
     folded, runtime = smooth_ffn(ctx, model, lm, names, alpha) if alpha else ([], {})
     swap_in(lm, names, qc.scheme, fill=True, smooth=runtime)
+    tables = embedding_targets(lm) if qc.embeddings else []
+    swap_in_embeddings(lm, tables, fill=True)
     kernel, probe = choose_kernel(lm, qc.kernel)
     prepare_all(lm, kernel)
     step = {"method": "quantize", "scheme": qc.scheme, "quantizer": "torchao Int8WeightOnlyConfig (symmetric int8 "
             "per output row)", "kernel_requested": qc.kernel, "kernel": kernel, "kernel_name": kernel_names()[kernel],
             "probe_us": probe, "machine": machine_key(), "qat_steps": qc.qat_steps, "modules": names,
-            "smooth_alpha": alpha, "smooth_folded": folded, "smooth_runtime": sorted(runtime),
+            "embeddings": tables, "smooth_alpha": alpha, "smooth_folded": folded, "smooth_runtime": sorted(runtime),
             "calib_batches": qc.calib_batches if alpha else 0}
     if probe:
         notes.append("kernel probe (µs per call on the largest layer, @rows; :err relative rms error): "
@@ -57,7 +60,7 @@ def quantize(ctx):
 
         notes.append(f"SmoothQuant (alpha {alpha:g}) on the FFN down projections: {len(folded)} folded into the "
                      f"up projection, {len(runtime)} applied at run time; " + calibration_note(src.kind, qc.calib_batches))
-    notes.append(f"{len(names)} linear layers quantized ({qc.scheme}); kept in float: embeddings, norms, "
-                 f"and modules matching {qc.skip}")
+    notes.append(f"{len(names)} linear layers quantized ({qc.scheme}) and {len(tables)} embedding tables (int8 "
+                 f"rows); kept in float: norms, tables tied to a head, and modules matching {qc.skip}")
     return Result(model, step, notes)
 

@@ -32,11 +32,13 @@ def recorded_steps(run_dir: str | Path) -> list[dict]:
 
 def before_weights(model: nn.Module, steps: list[dict]) -> None:
     """Give the freshly built ``model`` the modules the checkpoint's tensors belong to."""
+    from lmforge.compress.qembed import swap_in_embeddings
     from lmforge.compress.qlinear import swap_in
 
     for step in steps:
         if step.get("method") == "quantize":
             swap_in(model, step["modules"], step["scheme"], fill=False, smooth=dict.fromkeys(step.get("smooth_runtime", [])))
+            swap_in_embeddings(model, step.get("embeddings", []), fill=False)
 
 
 def after_weights(model: nn.Module, steps: list[dict]) -> None:
