@@ -3,7 +3,8 @@ quantization-aware fine-tune (``quantize.qat_steps``, ``compress/qat.py``).
 
 Every ``nn.Linear`` of the blocks (not the head tied to the embeddings, nor the classifier head: see
 ``quantize.skip``) becomes a ``QuantizedLinear`` whose int8 values torchao's quantizer computed; the kernel
-that runs them is chosen per machine (``qlinear.choose_kernel``) and named in the report.
+that runs them is chosen per machine (``qlinear.choose_kernel``) and named in the report. Embedding tables
+that no head shares become int8 rows (``qembed.py``, ``quantize.embeddings``).
 
 int8_dynamic first applies SmoothQuant scales to the FFN down projections (``smooth.py``).
 """
