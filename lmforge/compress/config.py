@@ -54,11 +54,15 @@ class QuantizeConfig(Section):
                              f"needs quantize.scheme=int8_dynamic (not {self.scheme})")
         return self
 
-    def alpha(self) -> float:
-        """The SmoothQuant α this run uses (``smooth_alpha``, its None resolved)."""
+    def alpha(self, export_scheme: Optional[str] = None) -> float:
+        """The SmoothQuant α this run uses (``smooth_alpha``, its None resolved); ``export_scheme``: for the
+        graphs ``export.quantize`` quantizes (no QAT there) instead of ``quantize.scheme``."""
+        scheme = export_scheme or self.scheme
+        if scheme != "int8_dynamic":
+            return 0.0
         if self.smooth_alpha is not None:
             return self.smooth_alpha
-        return 0.5 if self.scheme == "int8_dynamic" and not self.qat_steps else 0.0
+        return 0.0 if self.qat_steps and export_scheme is None else 0.5
 
 
 class PruneConfig(Section):

@@ -167,7 +167,7 @@ def _quantized_graphs(ctx, model, folder: Path, files: dict, sample, step: dict,
     import shutil
 
     ec, qc = ctx.cfg.export, ctx.cfg.quantize
-    alpha = (0.5 if qc.smooth_alpha is None else qc.smooth_alpha) if ec.quantize == "int8_dynamic" else 0.0
+    alpha = qc.alpha(export_scheme=ec.quantize)
     if alpha:
         from lmforge.compress.calib import calibration_note
         from lmforge.compress.smooth import smoothed_copy

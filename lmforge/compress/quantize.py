@@ -60,8 +60,8 @@ def quantize(ctx):
         from lmforge.compress.calib import calibration_note
 
         notes.append(f"SmoothQuant (alpha {alpha:g}) on the FFN down projections: {len(folded)} folded into the "
-                     f"up projection, {len(runtime)} applied at run time; " + calibration_note(src.kind, qc.calib_batches))
+                     f"up projection, {len(runtime)} applied at run time; "
+                     + calibration_note(src.kind, qc.calib_batches))
     notes.append(f"{len(names)} linear layers quantized ({qc.scheme}) and {len(tables)} embedding tables (int8 "
                  f"rows); kept in float: norms, tables tied to a head, and modules matching {qc.skip}")
     return Result(model, step, notes)
-

@@ -37,7 +37,8 @@ def before_weights(model: nn.Module, steps: list[dict]) -> None:
 
     for step in steps:
         if step.get("method") == "quantize":
-            swap_in(model, step["modules"], step["scheme"], fill=False, smooth=dict.fromkeys(step.get("smooth_runtime", [])))
+            runtime = dict.fromkeys(step.get("smooth_runtime", []))  # layers whose smooth buffer the checkpoint fills
+            swap_in(model, step["modules"], step["scheme"], fill=False, smooth=runtime)
             swap_in_embeddings(model, step.get("embeddings", []), fill=False)
 
 

@@ -38,23 +38,23 @@ def smooth_ffn(ctx, model: nn.Module, lm: nn.Module, names: list[str], alpha: fl
     from lmforge.compress.structured import ffn_parts
 
     name_of = {id(m): n for n, m in lm.named_modules()}
-    downs = {}
+    downs = {}  # name → (down projection, w3: the SwiGLU factor h is linear in, or None)
     for block in lm.layers:
-        ups, down = ffn_parts(block)
+        down = ffn_parts(block)[1]
         if name_of[id(down)] in names:
-            downs[name_of[id(down)]] = (ups, down, getattr(block.feed_forward, "w3", None))
-    amax = input_stats(model, {n: d for n, (_, d, _) in downs.items()},
+            downs[name_of[id(down)]] = (down, getattr(block.feed_forward, "w3", None))
+    amax = input_stats(model, {n: d for n, (d, _) in downs.items()},
                        calibration_batches(ctx, ctx.cfg.quantize.calib_batches), ctx.src.kind, "absmax")
     folded, runtime = [], {}
-    for n, (ups, down, gate_linear) in downs.items():
+    for n, (down, w3) in downs.items():
         m_I = inverse_scale(down.weight, amax[n], alpha)
         down.weight.div_(m_I[None, :])
-        if gate_linear is None:
+        if w3 is None:
             runtime[n] = m_I
             continue
-        gate_linear.weight.mul_(m_I[:, None])
-        if gate_linear.bias is not None:
-            gate_linear.bias.mul_(m_I)
+        w3.weight.mul_(m_I[:, None])
+        if w3.bias is not None:
+            w3.bias.mul_(m_I)
         folded.append(n)
     return folded, runtime
 
