@@ -38,8 +38,8 @@ def pruned(model, method: str, sparsity: float, calib: list[dict], sequential: b
 
 
 def main() -> int:
+    from lmforge.compress.calib import calibration_batches
     from lmforge.compress.source import lm_perplexity, load_source, val_batches
-    from lmforge.data.loader import SequentialEvalLoader, TokenShards
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -52,9 +52,10 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     src = load_source(a.run)
-    batches = val_batches(src, SimpleNamespace(seq_len=None, batch_size=8, batches=a.eval_batches))
-    seq = batches[0]["input_ids"].shape[1]
-    calib = list(SequentialEvalLoader(TokenShards(src.cfg.data.path, "val"), seq, 8))[-a.calib_batches:]
+    ec = SimpleNamespace(seq_len=None, batch_size=8, batches=a.eval_batches)
+    batches = val_batches(src, ec)
+    calib = calibration_batches(SimpleNamespace(src=src, batches=batches, cfg=SimpleNamespace(eval=ec)),
+                                a.calib_batches)  # what `compress prune` calibrates on
     dense = lm_perplexity(src.model, batches)["val_ppl"]
     print(f"{a.run}: dense perplexity {dense:.3f} ({len(batches)} eval batches, {len(calib)} calibration)")
     variants = [("magnitude", False), ("wanda", False)] + ([("wanda", True)] if a.sequential else [])

@@ -190,7 +190,8 @@ def replay(grid_dir: Path, tmp: Path, seeds: range, workers: int, steps: int, g_
             total += spent[t.number]
             best = min(best, t.value) if t.state.name == "COMPLETE" else best
             points.append((total, best))
-        rows.append({"seed": seed, "best": best, "steps": total, "steps_to_within_1pct": steps_to_reach(points, target)})
+        rows.append({"seed": seed, "best": best, "steps": total,
+                     "steps_to_within_1pct": steps_to_reach(points, target)})
     met = [r for r in rows if r["best"] <= target and r["steps"] <= budget]
     reached = [r for r in rows if r["steps_to_within_1pct"] is not None and r["steps_to_within_1pct"] <= budget]
     found = [r for r in rows if r["best"] <= target]

@@ -171,7 +171,8 @@ def test_smoothing_keeps_the_function_folded_or_at_run_time(monkeypatch):
     lm = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16), seed=0)
     x = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(calib, "calibration_batches", lambda _ctx, n: [{"input_ids": x}])
-    ctx = SimpleNamespace(src=SimpleNamespace(kind="lm"), cfg=SimpleNamespace(quantize=SimpleNamespace(calib_batches=1)))
+    ctx = SimpleNamespace(src=SimpleNamespace(kind="lm"),
+                          cfg=SimpleNamespace(quantize=SimpleNamespace(calib_batches=1)))
     with torch.no_grad():
         ref, w2 = lm(x), lm.layers[0].feed_forward.w2.weight.clone()
         folded, runtime = smooth_ffn(ctx, lm, lm, targets(lm, ["output"]), 0.5)
